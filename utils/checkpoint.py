@@ -1,0 +1,106 @@
+"""Checkpoints as plain data: written atomically, read with `torch.load(weights_only=True)`.
+
+A checkpoint is a dict (see docs/CONTRACTS.md): `model` and `ema` state_dicts, the model `yaml` dict,
+`names`, `anchors` [nl, na, 2] px, `stride` [nl], `hyp`, `args`, `epoch`, `optimizer`, `best_fitness`,
+`updates`, `date`, `version`. No pickled classes, so loading never runs code from the file.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("model", "yaml", "names")
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, truncated, not a MobileYOLO checkpoint, or does not fit the model."""
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively turn Paths, numpy values and tuples into types `weights_only` loading accepts."""
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, Path) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write `ckpt` to `path` atomically: a temp file in the same folder, fsync, then `os.replace`.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_plain({"version": CHECKPOINT_VERSION, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     **ckpt})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint with `weights_only=True`; raise `CheckpointError` naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty (0 bytes), not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        kind = "refused unsafe content" if "weights only" in str(e).lower() else "unreadable or truncated"
+        raise CheckpointError(f"{path}: not a valid MobileYOLO checkpoint ({kind}: {reason})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a MobileYOLO checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    missing = [k for k in REQUIRED_KEYS if ckpt.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{path}: not a MobileYOLO checkpoint (missing keys: {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict | str | Path, ema: bool = True) -> torch.nn.Module:
+    """Build the `Model` from the checkpoint's own YAML dict and load its (EMA) weights, in eval mode.
+
+    The EMA weights are used when present and `ema` is true; a state_dict that does not fit the YAML
+    raises `CheckpointError` listing the first mismatching keys.
+    """
+    from models.yolo import Model  # local import: utils must not import the model package at import time
+
+    src = "checkpoint"
+    if not isinstance(ckpt, dict):
+        src = str(ckpt)
+        ckpt = load_checkpoint(ckpt)
+    model = Model(ckpt["yaml"])
+    model.names = list(ckpt["names"])
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:4]
+        raise CheckpointError(f"{src}: weights do not fit the model YAML stored with them: {' '.join(lines)[:400]}") from None
+    if ckpt.get("stride") is not None:
+        model.stride = torch.as_tensor(ckpt["stride"], dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,258 @@
+"""Run a trained detector on images, folders, globs, .txt lists, videos, webcams or streams.
+
+    python detect.py                                   # BCCD val images, newest runs/train/*/weights/best.pt
+    python detect.py --weights best.onnx --source video.mp4 --save-txt --save-conf
+    python detect.py --source 0                        # webcam 0
+
+Weights may be a `.pt` checkpoint, a `.torchscript` or an `.onnx` export (see export.py). Results go
+to `runs/detect/expN/` (see `utils.detect_outputs` for the layout). The loop handles one frame at a
+time and keeps nothing per frame, so memory stays flat over long inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.backend import BackendError, DetectBackend
+from utils.boxes import scale_boxes
+from utils.data.letterbox import letterbox
+from utils.detect_outputs import ResultWriter
+from utils.nms import non_max_suppression
+from utils.paths import ROOT, increment_path
+from utils.sources import Frame, LoadSource, SourceError
+
+LOGGER = logging.getLogger("mobileyolo.detect")
+DEFAULT_SOURCE = ROOT / "data" / "bccd" / "images" / "val"
+TRAIN_RUNS = ROOT / "runs" / "train"
+
+
+class DetectError(ValueError):
+    """Bad detect.py arguments, or no weights to run (the message says what to do)."""
+
+
+@dataclass
+class DetectOptions:
+    """Everything detect.py does, as typed settings (the CLI flags, same names)."""
+
+    weights: str | Path | None = None  # None: newest runs/train/*/weights/best.pt
+    source: str | Path = DEFAULT_SOURCE
+    imgsz: int | tuple[int, int] | list[int] = 320  # px, (h, w) or one value for both
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    classes: list[int] | None = None
+    agnostic_nms: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    nosave: bool = False
+    view_img: bool = False
+    line_thickness: int = 2
+    hide_labels: bool = False
+    hide_conf: bool = False
+    vid_stride: int = 1
+    project: str | Path = ROOT / "runs" / "detect"
+    name: str = "exp"
+    exist_ok: bool = False
+    threads: int | None = None  # ONNX Runtime/torch intra-op threads; None: physical cores (ORT)
+
+
+@dataclass
+class FrameResult:
+    """One processed frame: `det [n, 6]` float32 rows x1, y1, x2, y2 (original-image pixels), conf, cls."""
+
+    path: str
+    index: int
+    det: np.ndarray
+
+
+@dataclass
+class Speed:
+    """Accumulated seconds per stage and frames seen; `ms()` gives per-image milliseconds."""
+
+    pre: float = 0.0
+    inf: float = 0.0
+    nms: float = 0.0
+    n: int = 0
+    shape: tuple[int, ...] = field(default_factory=tuple)
+
+    def ms(self) -> tuple[float, float, float]:
+        k = 1e3 / max(self.n, 1)
+        return self.pre * k, self.inf * k, self.nms * k
+
+
+def newest_best(runs: Path = TRAIN_RUNS) -> Path:
+    """The most recently written `runs/train/*/weights/best.pt`; `DetectError` when there is none."""
+    found = sorted(runs.glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise DetectError(f"no trained weights found ({runs}/*/weights/best.pt): train first, "
+                          f"e.g. `python train.py --data data/bccd.yaml`, or pass --weights")
+    return found[-1]
+
+
+def _check_options(o: DetectOptions) -> None:
+    if not 0.0 <= o.conf_thres <= 1.0 or not 0.0 <= o.iou_thres <= 1.0:
+        raise DetectError(f"--conf-thres {o.conf_thres} / --iou-thres {o.iou_thres}: both must be in 0..1")
+    if o.max_det < 1 or o.vid_stride < 1 or o.line_thickness < 1:
+        raise DetectError("--max-det, --vid-stride and --line-thickness must be >= 1")
+
+
+def _network_size(o: DetectOptions, backend: DetectBackend) -> tuple[int, int]:
+    """(h, w) the letterbox targets: the user's --imgsz rounded up to the stride, or a static export's size."""
+    want = o.imgsz if isinstance(o.imgsz, (list, tuple)) else [o.imgsz]
+    h, w = int(want[0]), int(want[-1])
+    if not backend.dynamic:
+        if (h, w) != tuple(backend.imgsz):
+            LOGGER.warning(f"{backend.file.name} is a fixed-size export ({backend.imgsz[0]}x{backend.imgsz[1]}); "
+                           f"using that instead of --imgsz {h} {w}")
+        return tuple(backend.imgsz)
+    s = backend.stride
+    hw = (math.ceil(h / s) * s, math.ceil(w / s) * s)
+    if hw != (h, w):
+        LOGGER.warning(f"--imgsz {h} {w} is not a multiple of the stride {s}; using {hw[0]} {hw[1]}")
+    return hw
+
+
+class Detector:
+    """The detect loop as an object: `frames()` yields a `FrameResult` per frame and writes outputs.
+
+    Building it validates the weights and the source before any output folder is created.
+    """
+
+    def __init__(self, opts: DetectOptions) -> None:
+        _check_options(opts)
+        self.opts = opts
+        weights = Path(opts.weights) if opts.weights else newest_best()
+        self.backend = DetectBackend(weights, threads=opts.threads)
+        self.source = LoadSource(opts.source, opts.vid_stride)
+        self.imgsz = _network_size(opts, self.backend)
+        if opts.classes:
+            bad = [c for c in opts.classes if not 0 <= int(c) < self.backend.nc]
+            if bad:
+                raise DetectError(f"--classes {bad}: the model has classes 0..{self.backend.nc - 1} "
+                                  f"({', '.join(self.backend.names)})")
+        self.save_dir = increment_path(Path(opts.project) / opts.name, exist_ok=opts.exist_ok, mkdir=True)
+        self.speed = Speed()
+        self.detections = 0
+
+    def preprocess(self, img: np.ndarray) -> tuple[torch.Tensor, tuple]:
+        """BGR uint8 [h, w, 3] -> (float RGB [1, 3, H, W] 0..1, ((rh, rw), (padw, padh)))."""
+        lb, ratio, pad = letterbox(img, self.imgsz, auto=self.backend.dynamic, stride=self.backend.stride)
+        x = torch.from_numpy(np.ascontiguousarray(lb[..., ::-1].transpose(2, 0, 1))).float().div_(255)
+        return x[None], (ratio, pad)
+
+    def detect(self, img: np.ndarray) -> np.ndarray:
+        """Detections `[n, 6]` (x1, y1, x2, y2 in `img` pixels, conf, cls) for one BGR image; timed."""
+        o, t0 = self.opts, time.perf_counter()
+        x, ratio_pad = self.preprocess(img)
+        t1 = time.perf_counter()
+        pred = self.backend(x)
+        t2 = time.perf_counter()
+        det = non_max_suppression(pred, o.conf_thres, o.iou_thres, classes=o.classes, agnostic=o.agnostic_nms,
+                                  max_det=o.max_det)[0]
+        det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], img.shape[:2], ratio_pad)
+        det = det.cpu().numpy()
+        t3 = time.perf_counter()
+        s = self.speed
+        s.pre, s.inf, s.nms, s.n, s.shape = s.pre + t1 - t0, s.inf + t2 - t1, s.nms + t3 - t2, s.n + 1, tuple(x.shape)
+        return det
+
+    def frames(self) -> Iterator[FrameResult]:
+        """Run over the whole source, writing outputs; yields one `FrameResult` per frame."""
+        o = self.opts
+        writer = ResultWriter(self.save_dir, save_img=not o.nosave, save_txt=o.save_txt, save_conf=o.save_conf,
+                              save_crop=o.save_crop, view_img=o.view_img, line_thickness=o.line_thickness,
+                              hide_labels=o.hide_labels, hide_conf=o.hide_conf, vid_stride=o.vid_stride)
+        self.writer = writer
+        bar = tqdm(total=len(self.source) or None, unit="frame", desc="detect", dynamic_ncols=True,
+                   file=sys.stderr, leave=True)
+        with writer, bar:
+            last = None
+            for frame in self.source:
+                if frame.path != last:  # only when the file changes: set_description redraws the bar
+                    bar.set_description(Path(frame.path).name[:40])
+                    last = frame.path
+                det = self.detect(frame.image)
+                self.detections += len(det)
+                writer.write(frame, det, self.backend.names)
+                bar.update(1)
+                yield FrameResult(frame.path, frame.index, det)
+
+    def summary(self) -> str:
+        """The closing line: frames, per-image ms per stage, where results went."""
+        pre, inf, nms = self.speed.ms()
+        c = self.writer.counts if hasattr(self, "writer") else {}
+        where = []
+        if c.get("images") or c.get("videos"):
+            where.append(f"{c['images']} images, {c['videos']} videos")
+        if c.get("labels"):
+            where.append(f"{c['labels']} label files in labels/")
+        if c.get("crops"):
+            where.append(f"{c['crops']} crops in crops/")
+        saved = f"results saved to {self.save_dir} ({'; '.join(where)})" if where else "nothing saved (--nosave)"
+        return (f"{self.speed.n} frames, {self.detections} detections. Speed per image: {pre:.1f}ms pre-process, "
+                f"{inf:.1f}ms inference, {nms:.1f}ms NMS at shape {self.speed.shape} ({self.backend.fmt}); {saved}")
+
+
+def run(**kwargs: object) -> Detector:
+    """detect.py's body: `run(weights=..., source=..., ...)` with `DetectOptions` fields as keywords.
+
+    Prints a progress bar and the closing summary line; returns the finished `Detector` (its
+    `save_dir`, `speed`, `writer.counts`). Raises `DetectError`, `BackendError`, `SourceError`.
+    """
+    det = Detector(DetectOptions(**kwargs))
+    for _ in det.frames():
+        pass
+    print(det.summary())
+    return det
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run a MobileYOLO detector on images, videos, webcams or streams.")
+    p.add_argument("--weights", default=None, help=".pt, .torchscript or .onnx (default: newest runs/train best.pt)")
+    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="image, folder, glob, .txt list, video, webcam index, URL")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[320], help="inference size h [w]")
+    p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold (obj * class prob)")
+    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
+    p.add_argument("--classes", nargs="+", type=int, help="keep only these class ids, e.g. --classes 0 2")
+    p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
+    p.add_argument("--save-txt", action="store_true", help="save YOLO labels to labels/*.txt")
+    p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
+    p.add_argument("--save-crop", action="store_true", help="save box crops to crops/<class>/")
+    p.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
+    p.add_argument("--view-img", action="store_true", help="show results in a window")
+    p.add_argument("--line-thickness", type=int, default=2, help="box line thickness (px)")
+    p.add_argument("--hide-labels", action="store_true", help="draw boxes without labels")
+    p.add_argument("--hide-conf", action="store_true", help="draw labels without confidences")
+    p.add_argument("--vid-stride", type=int, default=1, help="use every n-th video frame")
+    p.add_argument("--project", default=str(ROOT / "runs" / "detect"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: physical cores)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(**vars(opt))
+    except (DetectError, BackendError, SourceError) as e:
+        print(f"detect: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Train a MobileYOLO detector on a YOLO-format dataset, on one device or many with torchrun.
+
+    python train.py                                   # MobileNetV3-Small-YOLO on bundled BCCD, 320 px, CPU
+    python train.py --data my.yaml --cfg models/yolov5n.yaml --epochs 100 --device 0
+    python train.py --resume runs/train/exp/weights/last.pt
+    torchrun --nproc_per_node 2 train.py --device 0,1 --batch-size 64
+
+Outputs go to runs/train/expN/: weights/{last,best}.pt, results.csv, results.png, hyp.yaml, args.yaml,
+data plots and the final validation plots of best.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.devices import device_memory_str, select_device
+from utils.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
+                        main_process_first, seed_everything)
+from utils.ema import ModelEMA, de_parallel
+from utils.optim import accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
+    scaled_weight_decay, warmup_iters
+from utils.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
+from utils.train_config import DEFAULT_EPOCHS, TrainConfig, write_yaml
+
+Callbacks = dict[str, Callable[..., None]]
+GRAD_CLIP = 10.0  # max gradient norm; guards the first noisy steps against blow-ups
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between epochs (built by `setup()`)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    hyp: dict
+    names: list[str]
+    model: nn.Module
+    ema: ModelEMA | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: Any
+    train_loader: Any
+    train_ds: Any
+    val_loader: Any
+    save_dir: Path | None
+    lf: Callable[[int], float]
+    accumulate: int
+    nw: int
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+    last_opt_step: int = -1
+    callbacks: Callbacks = field(default_factory=dict)
+    tb: Any = None
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def weights_dir(self) -> Path:
+        assert self.save_dir is not None, "only the main process writes files"
+        return self.save_dir / "weights"
+
+    def emit(self, event: str, *args: Any) -> None:
+        if event in self.callbacks:
+            self.callbacks[event](*args)
+
+
+def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
+    """The run folder (rank 0 only): the checkpoint's on resume, else the next free `project/name`."""
+    from utils.paths import increment_path
+
+    if not info.is_main:
+        return None
+    save_dir = Path(cfg.save_dir) if cfg.resume else increment_path(Path(cfg.project) / cfg.name, cfg.exist_ok)
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    cfg.save_dir = str(save_dir)
+    return save_dir
+
+
+def _build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: DistInfo) -> tuple[Any, Any, Any]:
+    """(train_loader, train_dataset, val_loader or None); the batch is split across ranks."""
+    from utils.data import create_dataloader
+
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
+    bs = cfg.batch_size // info.world_size
+    with main_process_first(info):  # rank 0 writes the label cache, the others then read it
+        train_loader, train_ds = create_dataloader(
+            data.train, cfg.imgsz, bs, gs, hyp=hyp, augment=True, cache=cfg.cache, rect=cfg.rect,
+            workers=cfg.workers, shuffle=True, seed=cfg.seed, nc=data.nc, prefix="train: ",
+            rank=info.rank, world_size=info.world_size)
+    val_loader = None
+    if info.is_main:
+        val_loader, _ = create_dataloader(
+            data.val, cfg.imgsz, bs * 2, gs, hyp=hyp, augment=False, cache=cfg.cache, rect=True,
+            workers=cfg.workers, shuffle=False, seed=cfg.seed, nc=data.nc, prefix="val: ", pad=0.5)
+    if cfg.single_cls:
+        _single_class(train_ds)
+    return train_loader, train_ds, val_loader
+
+
+def _single_class(dataset: Any) -> None:
+    """--single-cls for training: every label becomes class 0 (the dataset reads `labels` on each item);
+    `val.evaluate(single_cls=True)` does the same for validation."""
+    for lb in dataset.labels:
+        lb[:, 0] = 0
+
+
+def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
+    """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
+    from utils.autoanchor import autoanchor
+    from utils.data import check_dataset
+    from utils.loss import ComputeLoss
+    from utils.train_setup import build_model, prepare_hyp, repo_path, resolve_resume
+
+    cfg, ckpt = resolve_resume(cfg)
+    save_dir = _make_save_dir(cfg, info)
+    seed_everything(cfg.seed, info.rank)
+    hyp = prepare_hyp(cfg, ckpt)
+    data = check_dataset(repo_path(cfg.data))
+    nc, names = (1, ["item"]) if cfg.single_cls else (data.nc, list(data.names))
+    model = build_model(cfg, nc, names, ckpt, device)
+    gs = max(int(model.stride.max()), 32)
+    if cfg.imgsz % gs:
+        raise ValueError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
+    train_loader, train_ds, val_loader = _build_loaders(cfg, data, hyp, gs, info)
+    if info.is_main and ckpt is None and not cfg.noautoanchor:
+        det = model.detect
+        new, _ = autoanchor(train_ds, det.anchors, det.stride, cfg.imgsz, thr=hyp["anchor_t"], seed=cfg.seed)
+        if new is not None:
+            det.anchors.copy_(new)  # a buffer: saved in every state_dict, so checkpoints carry the new anchors
+    nbs = int(hyp.get("nbs", 64))
+    accumulate = accumulate_steps(cfg.batch_size, nbs)
+    wd = scaled_weight_decay(hyp["weight_decay"], cfg.batch_size, accumulate, nbs)
+    optimizer = build_optimizer(model, cfg.optimizer, hyp["lr0"], hyp["momentum"], wd)
+    start_epoch, best_fitness, best_epoch = 0, 0.0, -1
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        best_fitness, best_epoch = float(ckpt.get("best_fitness", 0.0)), int(ckpt.get("best_epoch", -1))
+    lf = lr_lambda(cfg.epochs, hyp["lrf"], cfg.cos_lr)
+    scheduler = build_scheduler(optimizer, cfg.epochs, hyp["lrf"], cfg.cos_lr, start_epoch)
+    ema = ModelEMA(model) if info.is_main else None
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"], updates=int(ckpt.get("updates", 0)))
+    if info.distributed:
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # DDP broadcasts rank 0's buffers (AutoAnchor's anchors included) when it wraps the model.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    det = de_parallel(model).detect
+    loss_fn = ComputeLoss(det.anchors, det.stride, nc, hyp, imgsz=cfg.imgsz)
+    nb = len(train_loader)
+    nw = min(warmup_iters(hyp.get("warmup_epochs", 0.0), nb), max(cfg.epochs * nb // 2, 1))
+    return Run(cfg=cfg, info=info, device=device, hyp=hyp, names=names, model=model, ema=ema,
+               optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+               loss_fn=loss_fn, train_loader=train_loader, train_ds=train_ds, val_loader=val_loader,
+               save_dir=save_dir, lf=lf, accumulate=accumulate, nw=nw, start_epoch=start_epoch,
+               best_fitness=best_fitness, best_epoch=best_epoch, last_opt_step=start_epoch * nb - 1,
+               callbacks=callbacks)
+
+
+def optimizer_step(r: Run) -> None:
+    """Unscale, clip, step, zero the gradients and update the EMA."""
+    r.scaler.unscale_(r.optimizer)
+    torch.nn.utils.clip_grad_norm_(r.model.parameters(), max_norm=GRAD_CLIP)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    if r.ema is not None:
+        r.ema.update(r.model)
+
+
+def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
+    """One pass over the training set; returns the mean (box, obj, cls) loss per image, shape [3]."""
+    r.model.train()
+    if hasattr(r.train_ds, "set_epoch"):
+        r.train_ds.set_epoch(epoch)
+    nb = len(r.train_loader)
+    pbar: Any = enumerate(r.train_loader)
+    if r.info.is_main:
+        print("\n" + epoch_header())
+        pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+    mloss = torch.zeros(3)
+    for i, (imgs, targets, _paths, _shapes) in pbar:
+        ni = i + nb * epoch  # iterations since the start of training
+        apply_warmup(r.optimizer, ni, r.nw, r.lf(epoch), r.hyp)
+        imgs = imgs.to(r.device, non_blocking=True).float() / 255
+        with torch.autocast(device_type=r.device.type, enabled=r.amp):
+            loss, parts = r.loss_fn(r.model(imgs), targets.to(r.device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1} batch {i}: loss is {loss.item()}; lower lr0 or check labels")
+        if r.info.distributed:
+            loss = loss * r.info.world_size  # DDP averages gradients over ranks; keep the full-batch scale
+        r.scaler.scale(loss).backward()
+        if ni - r.last_opt_step >= r.accumulate:
+            optimizer_step(r)
+            r.last_opt_step = ni
+        mloss = (mloss * i + parts.detach().cpu()) / (i + 1)
+        if r.info.is_main:
+            pbar.set_description(epoch_desc(epoch, r.cfg.epochs, device_memory_str(r.device), mloss.tolist(),
+                                             int(targets.shape[0]), int(imgs.shape[-1])))
+        r.emit("on_train_batch_end", epoch, i)
+    return mloss
+
+
+def validate(r: Run, model: nn.Module, plots: bool = False, verbose: bool = False) -> Any:
+    """`val.evaluate` on the validation loader with the training loss for val losses; returns Metrics."""
+    import val
+
+    return val.evaluate(model, r.val_loader, r.names, device=r.device, save_dir=r.save_dir, plots=plots,
+                        verbose=verbose, loss_fn=r.loss_fn, half=False, single_cls=r.cfg.single_cls)
+
+
+def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
+    """Validate (unless --noval), write the results row and checkpoints; return the early-stop decision."""
+    from utils.checkpoint import save_checkpoint
+    from utils.metrics import Metrics
+    from utils.train_setup import make_checkpoint
+
+    final = epoch + 1 == r.cfg.epochs
+    metrics = validate(r, r.ema.ema) if (not r.cfg.noval or final) else Metrics()
+    fi = metrics.fitness()
+    if fi >= r.best_fitness or r.best_epoch < 0:
+        r.best_fitness, r.best_epoch = max(fi, r.best_fitness), epoch
+    vloss = list(metrics.loss) if metrics.loss is not None else [math.nan] * 3
+    values = [epoch, *mloss.tolist(), metrics.p, metrics.r, metrics.map50, metrics.map, *vloss,
+              *(lrs + [math.nan] * 3)[:3]]
+    row = dict(zip(RESULT_COLUMNS, values))
+    csv_path = r.save_dir / "results.csv"
+    append_results(csv_path, row)  # before the checkpoint: a resume drops rows of unfinished epochs
+    if r.tb is not None:
+        for k, v in row.items():
+            r.tb.add_scalar(k, v, epoch)
+    if not r.cfg.nosave or final:
+        ckpt = make_checkpoint(r.model, r.ema, r.optimizer, r.hyp, r.cfg, epoch, r.best_fitness, r.best_epoch)
+        save_checkpoint(ckpt, r.weights_dir / "last.pt")
+        if r.best_epoch == epoch:
+            save_checkpoint(ckpt, r.weights_dir / "best.pt")
+        if r.cfg.save_period > 0 and (epoch + 1) % r.cfg.save_period == 0:
+            save_checkpoint(ckpt, r.weights_dir / f"epoch{epoch + 1}.pt")
+    r.emit("on_fit_epoch_end", epoch, row)
+    stop = r.cfg.patience > 0 and epoch - r.best_epoch >= r.cfg.patience
+    if stop:
+        print(f"Stopping early: no improvement in the last {r.cfg.patience} epochs (best epoch {r.best_epoch + 1}, "
+              f"fitness {r.best_fitness:.4f}). Change --patience to train longer.")
+    return stop
+
+
+def finish(r: Run, last_epoch: int, t0: float) -> Any:
+    """Plot results, strip optimizers, validate best.pt with plots, and print where everything went."""
+    from utils.checkpoint import model_from_checkpoint
+    from utils.train_setup import strip_optimizer
+
+    n_done = last_epoch - r.start_epoch + 1
+    print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if (r.save_dir / "results.csv").exists():
+        plot_results(r.save_dir / "results.csv")
+    metrics = None
+    for name in ("last.pt", "best.pt"):
+        f = r.weights_dir / name
+        if f.exists():
+            strip_optimizer(f)
+    best = r.weights_dir / "best.pt"
+    if best.exists():
+        print(f"\nValidating {best}...")
+        model = model_from_checkpoint(best).to(r.device)
+        metrics = validate(r, model, plots=not r.cfg.noplots, verbose=True)
+    print(f"Results saved to {r.save_dir}\n  weights: {r.weights_dir / 'best.pt'} (best), "
+          f"{r.weights_dir / 'last.pt'} (last)\n  table: {r.save_dir / 'results.csv'}, plot: {r.save_dir / 'results.png'}")
+    return metrics
+
+
+def _start_outputs(r: Run) -> None:
+    """Rank 0, before epoch 1: args.yaml, hyp.yaml, label plots, optional TensorBoard, a header line."""
+    if not r.cfg.resume:
+        write_yaml(r.save_dir / "hyp.yaml", r.hyp)
+        write_yaml(r.save_dir / "args.yaml", r.cfg.to_dict())
+        if not r.cfg.noplots:
+            _plot_labels(r)
+    else:
+        kept = truncate_results(r.save_dir / "results.csv", r.start_epoch)
+        for tmp in r.weights_dir.glob(".*.tmp"):  # left by a crash inside save_checkpoint
+            tmp.unlink(missing_ok=True)
+        print(f"Resuming {r.save_dir} from epoch {r.start_epoch + 1}/{r.cfg.epochs} ({kept} results rows kept)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional; needs the tensorboard package
+
+        r.tb = SummaryWriter(str(r.save_dir))
+    except ImportError:
+        r.tb = None
+    print(f"Image size {r.cfg.imgsz}, {len(r.train_ds)} train images, batch {r.cfg.batch_size} "
+          f"(accumulate {r.accumulate}), {r.cfg.workers} workers, on {r.device}. Logging to {r.save_dir}")
+
+
+def _plot_labels(r: Run) -> None:
+    """labels.jpg from the data part's plots module, when it is available."""
+    try:
+        from utils.data.plots import plot_labels
+    except ImportError:
+        return
+    plot_labels(r.train_ds.labels, r.names, r.save_dir)
+
+
+def run(opt: TrainConfig | None = None, callbacks: Callbacks | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train; return `{'save_dir', 'best', 'last', 'metrics', 'epochs_done'}` (rank 0; others get save_dir None).
+
+    Instead of `opt`, TrainConfig fields may be given as keyword arguments (`run(data=..., epochs=3)`). `callbacks` maps event names to functions:
+    `on_train_batch_end(epoch, i)` and `on_fit_epoch_end(epoch, row)` (tests use them to interrupt runs).
+    """
+    if opt is not None and kwargs:
+        raise TypeError("run(): pass either a TrainConfig or keyword arguments, not both")
+    cfg = opt or TrainConfig(**kwargs)
+    info = dist_from_env()
+    device = select_device(cfg.device, info.local_rank)
+    init_distributed(info, device)
+    try:
+        r = setup(cfg, info, device, callbacks or {})
+        if info.is_main:
+            _start_outputs(r)
+        t0, epoch = time.time(), r.start_epoch - 1
+        for epoch in range(r.start_epoch, r.cfg.epochs):
+            mloss = train_one_epoch(r, epoch)
+            lrs = [g["lr"] for g in r.optimizer.param_groups]
+            r.scheduler.step()
+            stop = end_epoch(r, epoch, mloss, lrs) if info.is_main else False
+            if broadcast_flag(stop, info):
+                break
+        metrics = finish(r, epoch, t0) if info.is_main else None
+        if r.tb is not None:
+            r.tb.close()
+    finally:
+        cleanup_distributed()
+    wd = r.save_dir / "weights" if r.save_dir else None
+    return {"save_dir": r.save_dir, "best": wd / "best.pt" if wd else None, "last": wd / "last.pt" if wd else None,
+            "metrics": metrics, "epochs_done": epoch + 1}
+
+
+def parse_opt(argv: list[str] | None = None) -> TrainConfig:
+    """Command line -> TrainConfig; flags have the names YOLOv5 users type (`python train.py --help`)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument("--data", default=d["data"].default, help="data YAML")
+    p.add_argument("--cfg", default=d["cfg"].default, help="model YAML")
+    p.add_argument("--weights", default="", help="start from this MobileYOLO checkpoint (matching tensors)")
+    p.add_argument("--backbone-weights", default="", help="torchvision MobileNetV3 state_dict file for the backbone")
+    p.add_argument("--hyp", default=d["hyp"].default, help="hyper-parameter YAML")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (px)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, 0,1 or '' (auto)")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers per process")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, help="cache images in RAM")
+    p.add_argument("--rect", action="store_true", help="rectangular training batches (no shuffle)")
+    p.add_argument("--patience", type=int, default=100, help="early stop after this many epochs without improvement")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the run of this last.pt (or the latest)")
+    p.add_argument("--freeze", type=int, default=0, help="freeze the first N model rows")
+    p.add_argument("--optimizer", choices=["SGD", "Adam", "AdamW"], default="SGD")
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR decay instead of linear")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--single-cls", action="store_true", help="train every class as one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--project", default="runs/train")
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
+    p.add_argument("--nosave", action="store_true", help="write checkpoints only after the final epoch")
+    p.add_argument("--save-period", type=int, default=-1, help="also keep epochN.pt every N epochs")
+    p.add_argument("--noautoanchor", action="store_true", help="keep the YAML anchors")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--noplots", action="store_true", help="skip the data and validation plots")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI entry: parse the flags and train."""
+    return run(parse_opt(argv))
+
+
+if __name__ == "__main__":
+    main()

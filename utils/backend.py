@@ -1,0 +1,252 @@
+"""One inference front for every model format: our `.pt` checkpoints, `.torchscript` and `.onnx` exports.
+
+`DetectBackend(weights)` loads the file by suffix and recovers the class names, the largest stride and
+the image size from the file itself (checkpoint keys, TorchScript `config.json` extra file, ONNX
+`metadata_props`). Calling it on a float `[B, 3, H, W]` batch in 0..1 returns the decoded
+`[B, N, 5 + nc]` tensor (columns cx, cy, w, h in network-input pixels, obj, class probabilities; see
+`utils.decode.decode`), whatever the format, so detect.py and val.py never branch on it.
+
+Safety: checkpoints are read with `torch.load(weights_only=True)` (via `utils.checkpoint`), so a
+pickle that would run code is refused. TorchScript archives are read by TorchScript's own restricted
+loader. Every unusable file raises `BackendError` naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PT_SUFFIXES = (".pt", ".pth")
+TS_SUFFIXES = (".torchscript", ".ts")
+ONNX_SUFFIXES = (".onnx",)
+METADATA_FILE = "config.json"  # TorchScript extra file holding the same keys as the ONNX metadata
+
+
+class BackendError(ValueError):
+    """A weights file that is missing, of an unknown type, or not a MobileYOLO model."""
+
+
+def physical_cores() -> int:
+    """Number of physical CPU cores (hyper-threads not counted); falls back to the logical count."""
+    try:
+        import psutil  # optional
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    try:
+        cores, block = set(), {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if ":" in line:
+                k, v = (s.strip() for s in line.split(":", 1))
+                block[k] = v
+            elif block:
+                cores.add((block.get("physical id"), block.get("core id")))
+                block = {}
+        if len(cores) > 1 or (cores and None not in next(iter(cores))):
+            # a cgroup/affinity limit can be lower than the cores the machine has
+            return max(1, min(len(cores), len(os.sched_getaffinity(0))))
+    except (OSError, AttributeError):
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+def export_metadata(names: list[str], strides: list[float], imgsz: tuple[int, int], batch: int,
+                    dynamic: bool) -> dict[str, str]:
+    """The metadata written into exports (all values JSON strings, as ONNX metadata_props require).
+
+    Keys: `names` (list), `nc`, `stride` (largest, int), `strides` (per level), `imgsz` ([h, w] the
+    file was exported at), `batch`, `dynamic`, `format` ('mobileyolo-detect-v1').
+    """
+    meta = {"names": list(names), "nc": len(names), "stride": int(max(strides)), "strides": [float(s) for s in strides],
+            "imgsz": [int(imgsz[0]), int(imgsz[1])], "batch": int(batch), "dynamic": bool(dynamic),
+            "format": "mobileyolo-detect-v1"}
+    return {k: json.dumps(v) for k, v in meta.items()}
+
+
+def _parse_metadata(meta: dict[str, Any], file: Path) -> dict[str, Any]:
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v) if isinstance(v, (str, bytes)) else v
+        except json.JSONDecodeError:
+            out[k] = v
+    if out.get("format") != "mobileyolo-detect-v1" or not isinstance(out.get("names"), list):
+        raise BackendError(f"{file}: no MobileYOLO metadata (names/stride/imgsz) in this file; export it "
+                           f"with `python export.py --weights best.pt`")
+    return out
+
+
+class DetectBackend:
+    """Load `weights` (.pt/.pth checkpoint, .torchscript, .onnx) for CPU inference.
+
+    Attributes: `fmt` ('pt', 'torchscript', 'onnx'), `names: list[str]`, `nc`, `stride: int` (largest),
+    `imgsz: tuple[int, int]` (h, w: the export size, or the training size for checkpoints),
+    `dynamic: bool` (any input size multiple of `stride` works; False for fixed-shape exports, which
+    need exactly `imgsz`), `batch: int | None` (fixed batch of a static export, else None).
+    `threads` sets ONNX Runtime's intra-op threads (default: physical cores) and, when given, torch's.
+    """
+
+    def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True) -> None:
+        self.file = Path(weights)
+        if not self.file.is_file():
+            raise BackendError(f"{self.file}: weights file not found")
+        if threads is not None and int(threads) < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads) if threads else None
+        suffix = self.file.suffix.lower()
+        self.batch: int | None = None
+        self.dynamic = True
+        if suffix in PT_SUFFIXES:
+            self._load_pt(fuse)
+        elif suffix in TS_SUFFIXES:
+            self._load_torchscript()
+        elif suffix in ONNX_SUFFIXES:
+            self._load_onnx()
+        else:
+            raise BackendError(f"{self.file}: unknown weights type '{suffix}'; expected one of "
+                               f"{', '.join(PT_SUFFIXES + TS_SUFFIXES + ONNX_SUFFIXES)}")
+        self.nc = len(self.names)
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def _load_pt(self, fuse: bool) -> None:
+        from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+        from utils.decode import Decoder
+
+        try:
+            ckpt = load_checkpoint(self.file)
+            model = model_from_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise BackendError(str(e)) from None
+        except (KeyError, TypeError, ValueError) as e:  # a dict that looks like a checkpoint but is not one
+            raise BackendError(f"{self.file}: not a MobileYOLO checkpoint ({type(e).__name__}: {e})") from None
+        if getattr(model, "detect", None) is None:
+            raise BackendError(f"{self.file}: a classification checkpoint; detect/val need a detection model")
+        if fuse:
+            model.fuse()
+        model = model.eval().to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.fmt, self.model = "pt", Decoder(model).eval()
+        self.names = [str(n) for n in ckpt["names"]]
+        self.strides = [float(s) for s in model.detect.stride.tolist()]
+        self.stride = int(max(self.strides))
+        args = ckpt.get("args") or {}
+        size = args.get("imgsz", 320) if isinstance(args, dict) else 320
+        self.imgsz = _as_hw(size)
+
+    def _load_torchscript(self) -> None:
+        extra = {METADATA_FILE: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still our TS path
+                self.model = torch.jit.load(str(self.file), map_location="cpu", _extra_files=extra).eval()
+        except Exception as e:  # RuntimeError/ValueError for anything that is not a TorchScript archive
+            raise BackendError(f"{self.file}: not a TorchScript model ({_first_line(e)})") from None
+        raw = extra[METADATA_FILE]
+        try:
+            meta = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        self._apply_metadata(_parse_metadata(meta, self.file))
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.fmt = "torchscript"
+
+    def _load_onnx(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads or physical_cores()
+        opts.log_severity_level = 3  # errors only; ORT's warnings about initializers are noise here
+        try:
+            self.session = ort.InferenceSession(str(self.file), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for invalid protobufs
+            raise BackendError(f"{self.file}: not a valid ONNX model ({_first_line(e)})") from None
+        self._apply_metadata(_parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.file))
+        inp, outs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inp) != 1 or len(outs) != 1 or len(inp[0].shape) != 4 or len(outs[0].shape) != 3:
+            raise BackendError(f"{self.file}: expected one [b,3,h,w] input and one [b,N,5+nc] output")
+        self.input_name, self.output_name = inp[0].name, outs[0].name
+        b, _, h, w = inp[0].shape
+        self.dynamic = not all(isinstance(d, int) for d in (h, w))
+        self.batch = b if isinstance(b, int) else None
+        self.fmt = "onnx"
+
+    def _apply_metadata(self, meta: dict[str, Any]) -> None:
+        self.names = [str(n) for n in meta["names"]]
+        self.strides = [float(s) for s in meta.get("strides", [meta.get("stride", 32)])]
+        self.stride = int(meta.get("stride", max(self.strides)))
+        self.imgsz = _as_hw(meta.get("imgsz", 320))
+        self.dynamic = bool(meta.get("dynamic", False))
+        self.batch = None if self.dynamic else int(meta.get("batch", 1))
+
+    # ---- inference -----------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise `BackendError` when `x` does not fit this model (rank, channels, size, stride)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise BackendError(f"{self.file.name}: input must be a float [B, 3, H, W] tensor, got {shape}")
+        h, w = x.shape[2:]
+        if not self.dynamic and (h, w) != tuple(self.imgsz):
+            raise BackendError(f"{self.file.name}: fixed-size export takes {self.imgsz[0]}x{self.imgsz[1]} "
+                               f"inputs, got {h}x{w}; re-export with --dynamic or use --imgsz {self.imgsz[0]}")
+        if h % self.stride or w % self.stride:
+            raise BackendError(f"{self.file.name}: input {h}x{w} is not a multiple of the stride {self.stride}")
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Float `[B, 3, H, W]` in 0..1 -> decoded `[B, N, 5 + nc]` float32 (pixels; probabilities)."""
+        self.check_input(x)
+        x = x.float()
+        if self.fmt == "pt":
+            return self.model(x.contiguous(memory_format=torch.channels_last))
+        if self.fmt == "torchscript":
+            return self.model(x)
+        return self._run_onnx(x)
+
+    def _run_onnx(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+        if self.batch is None or arr.shape[0] == self.batch:
+            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: arr})[0])
+        # a fixed-batch export: run in chunks of its batch size, padding the last one
+        outs, n = [], arr.shape[0]
+        for i in range(0, n, self.batch):
+            chunk = arr[i:i + self.batch]
+            if chunk.shape[0] < self.batch:
+                pad = np.zeros((self.batch - chunk.shape[0], *chunk.shape[1:]), dtype=np.float32)
+                chunk = np.concatenate((chunk, pad))
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0])
+        return torch.from_numpy(np.concatenate(outs)[:n])
+
+    def warmup(self, imgsz: tuple[int, int] | None = None) -> None:
+        """One pass on a zero image so the first real frame's timing excludes lazy initialisation."""
+        h, w = imgsz or self.imgsz
+        self(torch.zeros(self.batch or 1, 3, h, w))
+
+    def __repr__(self) -> str:
+        return (f"DetectBackend({self.file.name}: {self.fmt}, nc={self.nc}, stride={self.stride}, "
+                f"imgsz={self.imgsz}, dynamic={self.dynamic})")
+
+
+def _as_hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, (list, tuple)):
+        return (int(size[0]), int(size[-1]))
+    return (int(size), int(size))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)

@@ -1,0 +1,66 @@
+"""Decoding of the Detect head's raw maps into boxes in network-input pixels.
+
+The head stays a pure `nn.Module` returning logits (see docs/CONTRACTS.md); decoding lives here so that
+loss, validation and export all start from the same raw maps. `Decoder` wraps a model for export and for
+backends that want a single `[B, N, 5 + nc]` tensor out.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_maps(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> None:
+    if not isinstance(maps, (list, tuple)) or not maps:
+        raise ValueError(f"decode: expected a non-empty list of raw maps, got {type(maps).__name__}")
+    if anchors.dim() != 3 or anchors.shape[0] != len(maps) or anchors.shape[2] != 2:
+        raise ValueError(f"decode: anchors must be [nl={len(maps)}, na, 2] pixels, got {tuple(anchors.shape)}")
+    if strides.numel() != len(maps):
+        raise ValueError(f"decode: {len(maps)} maps but {strides.numel()} strides")
+    for i, m in enumerate(maps):
+        if m.dim() != 5 or m.shape[1] != anchors.shape[1] or m.shape[-1] < 6:
+            raise ValueError(f"decode: map {i} must be [B, na={anchors.shape[1]}, H, W, 5+nc], got {tuple(m.shape)}")
+
+
+def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """Raw head maps -> `[B, N, 5 + nc]` with columns `cx, cy, w, h, obj, cls_0..cls_{nc-1}`.
+
+    `maps[i]`: `[B, na, H_i, W_i, 5 + nc]` logits; `anchors`: `[nl, na, 2]` in pixels; `strides`: `[nl]`.
+    Box columns are pixels of the network input, `obj` and `cls_*` probabilities (sigmoid).
+    Rows run level by level, then anchor, then grid row, then grid column (N = sum na * H_i * W_i).
+    Rule (YOLOv5 v6): `xy = (2 s - 0.5 + grid) * stride`, `wh = (2 s)^2 * anchor`, with s = sigmoid(raw).
+    Written with out-of-place ops only, so it traces cleanly for ONNX/TorchScript export.
+    """
+    _check_maps(maps, anchors, strides)
+    out = []
+    for i, m in enumerate(maps):
+        b, na, h, w, no = m.shape
+        s = m.sigmoid()
+        ys = torch.arange(h, device=m.device, dtype=s.dtype)
+        xs = torch.arange(w, device=m.device, dtype=s.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)
+        anchor = anchors[i].to(device=m.device, dtype=s.dtype).view(1, na, 1, 1, 2)
+        stride = strides[i].to(device=m.device, dtype=s.dtype)
+        xy = (s[..., 0:2] * 2 - 0.5 + grid) * stride
+        wh = (s[..., 2:4] * 2) ** 2 * anchor
+        out.append(torch.cat((xy, wh, s[..., 4:]), -1).reshape(b, na * h * w, no))
+    return torch.cat(out, 1)
+
+
+class Decoder(nn.Module):
+    """`model(x)` raw maps -> decoded `[B, N, 5 + nc]` (see `decode`); the export/inference wrapper.
+
+    Reads anchors and strides from `model.detect` at each call, so a fused or EMA-swapped model still
+    decodes with its own buffers.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if getattr(model, "detect", None) is None:
+            raise ValueError("Decoder needs a detection model with a `detect` head (got a classifier?)")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        det = self.model.detect
+        return decode(self.model(x), det.anchors, det.stride)

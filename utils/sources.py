@@ -1,0 +1,211 @@
+"""Inference sources for detect.py: images, folders, globs, `.txt` lists, video files, webcams, streams.
+
+`LoadSource(source, vid_stride)` iterates `Frame`s one at a time (nothing is kept between frames, so
+memory stays flat over long videos). Images are decoded with OpenCV (EXIF orientation applied); an
+unreadable image is skipped with a warning naming it. A video that cannot be opened, a folder with no
+images or videos, a missing path, or a `.txt` list that names nothing usable raise `SourceError`.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils.data.data_yaml import IMG_FORMATS
+from utils.data.images import ImageReadError, read_image
+
+LOGGER = logging.getLogger("mobileyolo.sources")
+VID_FORMATS = ("mp4", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "wmv", "webm", "ts", "gif", "asf")
+STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+DEFAULT_FPS = 30.0  # used when a stream or a file does not report its frame rate
+
+
+class SourceError(ValueError):
+    """A `--source` that cannot be read at all: missing path, empty folder, unopenable video."""
+
+
+@dataclass
+class Frame:
+    """One image to run detection on.
+
+    `image` is BGR uint8 [h, w, 3]. `path` is the file (or the stream URL / webcam index as text).
+    `kind` is 'image', 'video' or 'stream'. For videos and streams `index` is the frame number in the
+    source (0-based, counting skipped frames too), `fps` the source frame rate and `frames` the frame
+    count of the file (0 when unknown, e.g. streams). For images `index` is 0 and `fps` 0.
+    """
+
+    path: str
+    image: np.ndarray
+    kind: str
+    index: int = 0
+    fps: float = 0.0
+    frames: int = 0
+
+    @property
+    def stem(self) -> str:
+        """File stem, or a filesystem-safe name for a stream/webcam (used for output file names)."""
+        if self.kind == "stream":
+            return stream_name(self.path)
+        return Path(self.path).stem
+
+
+def stream_name(url: str) -> str:
+    """`rtsp://host:554/live` -> `rtsp_host_554_live`; webcam `0` -> `webcam0`."""
+    if url.isdigit():
+        return f"webcam{url}"
+    safe = "".join(c if c.isalnum() else "_" for c in url)
+    return "_".join(p for p in safe.split("_") if p)[:80] or "stream"
+
+
+def _suffix(p: str | Path) -> str:
+    return Path(p).suffix[1:].lower()
+
+
+def is_stream(source: str) -> bool:
+    """True for a webcam index (`0`) or a URL OpenCV reads as a stream."""
+    return source.isdigit() or source.lower().startswith(STREAM_PREFIXES)
+
+
+def _media_files(paths: list[Path]) -> list[Path]:
+    return [p for p in paths if p.is_file() and _suffix(p) in IMG_FORMATS + VID_FORMATS]
+
+
+def _read_list(txt: Path) -> list[Path]:
+    """Paths listed one per line in `txt` (blank lines and `#` comments ignored).
+
+    Relative paths are tried against the working directory, then the list's own folder. A missing
+    entry is skipped with a warning naming `txt` and the line.
+    """
+    files = []
+    for n, line in enumerate(txt.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry)
+        if not p.is_absolute() and not p.exists():
+            p = txt.parent / p
+        if not p.is_file():
+            LOGGER.warning(f"{txt}:{n}: '{entry}' not found; skipped")
+        elif _suffix(p) not in IMG_FORMATS + VID_FORMATS:
+            LOGGER.warning(f"{txt}:{n}: '{entry}' is not an image or video ({', '.join(IMG_FORMATS)}, "
+                           f"{', '.join(VID_FORMATS)}); skipped")
+        else:
+            files.append(p)
+    return files
+
+
+def resolve_source(source: str | Path) -> list[str]:
+    """Expand `source` into a list of image/video paths, or `[source]` for a stream/webcam.
+
+    Raises `SourceError` naming the source when nothing usable is found.
+    """
+    s = str(source).strip()
+    if not s:
+        raise SourceError("--source is empty")
+    if is_stream(s):
+        return [s]
+    p = Path(s).expanduser()
+    if any(c in s for c in "*?["):
+        files = _media_files([Path(f) for f in sorted(glob.glob(s, recursive=True))])
+        what = f"glob '{s}'"
+    elif p.is_dir():
+        files = _media_files(sorted(p.iterdir()))
+        what = f"folder {p}"
+    elif p.is_file() and _suffix(p) == "txt":
+        files = _read_list(p)
+        what = f"list {p}"
+    elif p.is_file():
+        if _suffix(p) not in IMG_FORMATS + VID_FORMATS:
+            raise SourceError(f"{p}: unsupported file type '.{_suffix(p)}'; expected an image "
+                              f"({', '.join(IMG_FORMATS)}), a video ({', '.join(VID_FORMATS)}) or a .txt list")
+        return [str(p)]
+    else:
+        raise SourceError(f"{s}: source not found (expected an image, folder, glob, .txt list, video, "
+                          f"webcam index or stream URL)")
+    if not files:
+        raise SourceError(f"{what}: no images or videos found (images: {', '.join(IMG_FORMATS)}; "
+                          f"videos: {', '.join(VID_FORMATS)})")
+    return [str(f) for f in files]
+
+
+def _open_capture(path: str) -> cv2.VideoCapture:
+    cap = cv2.VideoCapture(int(path) if path.isdigit() else path)
+    if not cap.isOpened():
+        cap.release()
+        raise SourceError(f"{path}: could not open video/stream with OpenCV (missing codec, bad file or "
+                          f"unreachable stream)")
+    return cap
+
+
+class LoadSource:
+    """Iterate the frames of `source` (see `resolve_source`), keeping every `vid_stride`-th video frame.
+
+    `len()` is the number of frames expected (images + kept video frames; streams count 0 since they
+    are unbounded) and is meant for progress bars; it can over-count when frames fail to decode.
+    """
+
+    def __init__(self, source: str | Path, vid_stride: int = 1) -> None:
+        if int(vid_stride) < 1:
+            raise SourceError(f"--vid-stride must be >= 1, got {vid_stride}")
+        self.vid_stride = int(vid_stride)
+        self.items = resolve_source(source)
+        self.kinds = ["stream" if is_stream(s) else "video" if _suffix(s) in VID_FORMATS else "image"
+                      for s in self.items]
+        self._counts = [self._expected(s, k) for s, k in zip(self.items, self.kinds)]
+
+    def _expected(self, item: str, kind: str) -> int:
+        if kind == "image":
+            return 1
+        if kind == "stream":
+            return 0
+        cap = _open_capture(item)  # fail early, before any output is written
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        cap.release()
+        return math.ceil(max(n, 0) / self.vid_stride)
+
+    def __len__(self) -> int:
+        return sum(self._counts)
+
+    @property
+    def has_stream(self) -> bool:
+        """True when an unbounded source (webcam or stream) is part of the input."""
+        return "stream" in self.kinds
+
+    def __iter__(self) -> Iterator[Frame]:
+        for item, kind in zip(self.items, self.kinds):
+            if kind == "image":
+                try:
+                    yield Frame(item, read_image(item), "image")
+                except ImageReadError as e:
+                    LOGGER.warning(f"{e}; skipped")
+            else:
+                yield from self._video_frames(item, kind)
+
+    def _video_frames(self, path: str, kind: str) -> Iterator[Frame]:
+        cap = _open_capture(path)
+        try:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            fps = float(fps) if fps and math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
+            total = 0 if kind == "stream" else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+            index = 0
+            while True:
+                # grab() skips decoding for frames dropped by vid_stride
+                if not cap.grab():
+                    break
+                if index % self.vid_stride == 0:
+                    ok, img = cap.retrieve()
+                    if ok and img is not None:
+                        yield Frame(path, img, kind, index, fps, total)
+                    else:
+                        LOGGER.warning(f"{path}: frame {index} could not be decoded; skipped")
+                index += 1
+            if index == 0:
+                raise SourceError(f"{path}: opened but no frame could be read (empty or corrupt video)")
+        finally:
+            cap.release()

@@ -1,0 +1,262 @@
+"""Validate a detector: COCO-exact mAP, P/R/F1, speed, plots.
+
+    python val.py --data data/bccd.yaml --weights runs/train/exp/weights/best.pt --imgsz 320
+
+`evaluate()` is the loop shared with train.py; `run()` is the CLI body (weights of any format through
+`utils.backend.DetectBackend`); `main()` parses arguments. Outputs go to runs/val/expN.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
+from utils.decode import decode
+from utils.metrics import Metrics, compute_metrics
+from utils.nms import non_max_suppression
+from utils.paths import ROOT, increment_path
+
+HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
+PLOT_BATCHES = 3  # validation batches drawn as GT|prediction pairs
+
+
+def split_output(out, model) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Model output -> (decoded `[B, N, 5+nc]`, raw maps or None).
+
+    Raw maps (a list of 5-D tensors) are decoded with `model.detect.anchors` and `.stride`; a 3-D
+    tensor (export backends) is already decoded; a tuple whose first item is 3-D is taken as decoded.
+    """
+    if isinstance(out, torch.Tensor) and out.dim() == 3:
+        return out, None
+    if isinstance(out, (list, tuple)) and out and all(isinstance(m, torch.Tensor) and m.dim() == 5 for m in out):
+        det = getattr(model, "detect", None)
+        if det is None:
+            raise ValueError("evaluate: the model returned raw maps but has no `detect` head to decode them")
+        return decode(list(out), det.anchors, det.stride), list(out)
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 3:
+        return out[0], None
+    kind = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise ValueError(f"evaluate: model output must be raw maps or a decoded [B, N, 5+nc] tensor, got {kind}")
+
+
+def _image_records(dets: list[torch.Tensor], targets: torch.Tensor, shapes: list, hw: tuple[int, int],
+                   single_cls: bool) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
+    """Per image: (detections [n, 6], labels [m, 5] cls+xyxy, (h0, w0)) in original-image pixels."""
+    h, w = hw
+    out = []
+    for i, det in enumerate(dets):
+        t = targets[targets[:, 0] == i].double()
+        shape0, ratio_pad = (shapes[i] if shapes[i] is not None else ((h, w), None))
+        p = det.detach().double().clone()
+        scale_boxes((h, w), p[:, :4], shape0, ratio_pad)
+        g = scale_boxes((h, w), xywhn2xyxy(t[:, 2:6], w, h), shape0, ratio_pad)
+        cls = torch.zeros_like(t[:, 1]) if single_cls else t[:, 1]
+        if single_cls:
+            p[:, 5] = 0
+        out.append((p.cpu().numpy(), torch.cat((cls[:, None], g), 1).cpu().numpy(), tuple(int(v) for v in shape0)))
+    return out
+
+
+def _save_txt(path: str, det: np.ndarray, shape0: tuple[int, int], labels_dir: Path, save_conf: bool) -> None:
+    """YOLO label file of the detections: `cls cx cy w h [conf]` normalised to the original image."""
+    xywhn = xyxy2xywhn(det[:, :4].copy(), w=shape0[1], h=shape0[0])
+    lines = [f"{int(c)} " + " ".join(f"{v:.6g}" for v in (*b, *((s,) if save_conf else ())))
+             for b, s, c in zip(xywhn, det[:, 4], det[:, 5])]
+    (labels_dir / f"{Path(path).stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+
+
+def print_results(m: Metrics, names: list[str], verbose: bool) -> None:
+    """The YOLOv5 table: an `all` row, and with `verbose` one row per class that has ground truth."""
+    print(HEADER)
+    print(ROW % ("all", m.n_images, int(m.nt.sum()), m.p, m.r, m.map50, m.map))
+    if m.nt.sum() == 0:
+        print("WARNING: no labels in this split; mAP, P and R cannot be computed and are reported as 0")
+    if verbose:
+        for i, c in enumerate(m.ap_class):
+            print(ROW % (names[c], m.nimg_class[c], m.nt[c], m.p_class[i], m.r_class[i], m.ap50[i], m.ap[i]))
+    s = m.speed
+    print(f"Speed: {s['pre']:.1f}ms pre-process, {s['inf']:.1f}ms inference, {s['nms']:.1f}ms NMS per image")
+
+
+def _finish_plots(m: Metrics, cm, names: list[str], save_dir: Path) -> None:
+    from utils.plots_val import plot_confusion_matrix, plot_conf_curves, plot_pr_curve
+
+    plot_confusion_matrix(cm, names, save_dir)
+    if m.curves:
+        plot_pr_curve(m, names, save_dir)
+        plot_conf_curves(m, names, save_dir)
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou_thres: float = 0.6,
+             max_det: int = 300, device: str | torch.device = "cpu", save_dir: Path | None = None,
+             plots: bool = False, verbose: bool = False, loss_fn=None, half: bool = False,
+             single_cls: bool = False, save_txt: bool = False, save_conf: bool = False,
+             save_json: bool = False) -> Metrics:
+    """Run `model` over `dataloader` batches (see docs/CONTRACTS.md) and score it -> `Metrics`.
+
+    `model`: callable on float `[B, 3, H, W]` in 0..1 returning raw maps or decoded `[B, N, 5+nc]`.
+    Boxes are mapped back to original images with the batch `shapes`; metrics are in original pixels.
+    `loss_fn(maps, targets) -> (loss, parts[3])` gives `Metrics.loss` (mean parts) when maps are raw.
+    With `save_dir`: `plots` writes PR/F1/P/R curves, the confusion matrix and GT|prediction pairs;
+    `save_txt` YOLO label files (`save_conf` adds the score); `save_json` COCO JSON + pycocotools summary.
+    Prints the results table. Speed is milliseconds per image (pre-process, inference incl. decode, NMS).
+    """
+    from tqdm import tqdm
+
+    from utils.confusion import ConfusionMatrix
+
+    if (plots or save_txt or save_json) and save_dir is None:
+        raise ValueError("evaluate: plots/save_txt/save_json need a save_dir")
+    device = torch.device(device)
+    nc = 1 if single_cls else len(names)
+    names = ["item"] if single_cls else list(names)
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    use_half = half and device.type == "cuda"
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        if use_half:
+            model.half()  # as YOLOv5 does: --half converts the model in place
+    cm = ConfusionMatrix(nc)
+    labels_dir = Path(save_dir) / "labels" if save_txt else None
+    if labels_dir:
+        labels_dir.mkdir(parents=True, exist_ok=True)
+    preds, gts, shapes0, files = [], [], [], []
+    dt, loss_sum, nb = np.zeros(3), torch.zeros(3), 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for bi, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=HEADER, leave=False)):
+        t0 = time.perf_counter()
+        x = imgs.to(device, non_blocking=True)
+        x = (x.half() if use_half else x.float()) / 255
+        targets = targets.to(device)
+        sync()
+        t1 = time.perf_counter()
+        pred, maps = split_output(model(x), model)
+        sync()
+        t2 = time.perf_counter()
+        if loss_fn is not None and maps is not None:
+            loss_sum += loss_fn([m.float() for m in maps], targets)[1].detach().float().cpu()
+            nb += 1
+        t3 = time.perf_counter()
+        dets = non_max_suppression(pred.float(), conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
+                                   max_det=max_det)
+        dt += (t1 - t0, t2 - t1, time.perf_counter() - t3)
+        for path, (p, g, s0) in zip(paths, _image_records(dets, targets, shapes, tuple(x.shape[2:]), single_cls)):
+            preds.append(p), gts.append(g), shapes0.append(s0), files.append(path)
+            cm.process_batch(p, g)
+            if labels_dir:
+                _save_txt(path, p, s0, labels_dir, save_conf)
+        if plots and bi < PLOT_BATCHES:
+            from utils.plots_val import plot_val_pairs
+
+            plot_val_pairs(imgs, targets.cpu(), [d.cpu() for d in dets], names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
+    if was_training:
+        model.train()
+    m = compute_metrics(preds, gts, nc)
+    m.speed = dict(zip(("pre", "inf", "nms"), (dt * 1e3 / max(len(preds), 1)).tolist()))
+    m.loss = (loss_sum / nb).numpy() if nb else None
+    m.nimg_class = np.array([sum(bool((g[:, 0] == c).any()) for g in gts) for c in range(nc)], dtype=int)
+    m.confusion = cm
+    print_results(m, names, verbose)
+    if plots:
+        _finish_plots(m, cm, names, Path(save_dir))
+    if save_json:
+        from utils.coco import run_cocoeval, save_coco_json
+
+        gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, Path(save_dir), files)
+        print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")
+        m.coco_stats = run_cocoeval(gt_json, pred_json, verbose=True)
+    return m
+
+
+def _load_model(weights: str | Path, device: torch.device):
+    """A `DetectBackend` for .pt/.torchscript/.onnx (decoded output), moved to `device` when it is torch."""
+    from utils.backend import DetectBackend
+
+    backend = DetectBackend(weights)
+    if device.type != "cpu":
+        if backend.fmt != "pt":
+            raise ValueError(f"{weights}: {backend.fmt} weights run on CPU only; use --device cpu")
+        backend.model.to(device)
+    return backend
+
+
+def run(data: str | Path, weights: str | Path, imgsz: int = 320, batch_size: int = 16, conf_thres: float = 0.001,
+        iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "cpu", workers: int = 2,
+        single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
+        save_conf: bool = False, save_json: bool = False, project: str | Path = ROOT / "runs/val", name: str = "exp",
+        exist_ok: bool = False, half: bool = False, plots: bool = True) -> Metrics:
+    """Validate `weights` on split `task` ('val' or 'test') of the data YAML; returns the Metrics.
+
+    Results (plots, labels/, JSON) go to `project/name` (incremented: exp, exp2, ...).
+    """
+    from utils.data import check_dataset, create_dataloader
+    from utils.devices import select_device
+
+    if task not in ("val", "test"):
+        raise ValueError(f"--task {task!r}: expected 'val' or 'test'")
+    if augment:
+        print("WARNING: --augment (test-time augmentation) is not supported; validating without it")
+    cfg = check_dataset(data)
+    sources = cfg.val if task == "val" else cfg.test
+    if not sources:
+        raise ValueError(f"{cfg.yaml_file}: no '{task}' split defined")
+    dev = select_device(device)
+    model = _load_model(weights, dev)
+    if not single_cls and model.nc != cfg.nc:
+        raise ValueError(f"{weights}: model has {model.nc} classes but {cfg.yaml_file} has {cfg.nc}; "
+                         f"use matching data or --single-cls")
+    rect = model.dynamic
+    if not model.dynamic and model.imgsz[0] != imgsz:
+        print(f"WARNING: {Path(weights).name} is a fixed {model.imgsz[0]}x{model.imgsz[1]} export; --imgsz {imgsz} ignored")
+        imgsz = model.imgsz[0]
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    loader, _ = create_dataloader(sources, imgsz, batch_size, stride=model.stride, rect=rect, workers=workers,
+                                  pad=0.5 if rect else 0.0, nc=cfg.nc, prefix=f"{task}: ")
+    m = evaluate(model, loader, cfg.names, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+                 device=dev, save_dir=save_dir, plots=plots, verbose=verbose, half=half, single_cls=single_cls,
+                 save_txt=save_txt, save_conf=save_conf, save_json=save_json)
+    outputs = sorted(p.name for p in save_dir.iterdir())
+    print(f"Results saved to {save_dir}: {', '.join(outputs) if outputs else '(nothing)'}")
+    return m
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Validate a MobileYOLO detector (COCO-exact mAP, plots).")
+    p.add_argument("--data", type=str, default=str(ROOT / "data/bccd.yaml"), help="data YAML")
+    p.add_argument("--weights", type=str, required=True, help="checkpoint .pt, .torchscript or .onnx")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="inference size (pixels)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--task", default="val", choices=["val", "test"], help="split to evaluate")
+    p.add_argument("--device", default="cpu", help="cpu, 0, cuda:0 ...")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+    p.add_argument("--single-cls", action="store_true", help="treat every class as one")
+    p.add_argument("--augment", action="store_true", help="test-time augmentation (not supported; warns)")
+    p.add_argument("--verbose", action="store_true", help="one table row per class")
+    p.add_argument("--save-txt", action="store_true", help="save detections as YOLO label files")
+    p.add_argument("--save-conf", action="store_true", help="add the confidence to --save-txt labels")
+    p.add_argument("--save-json", action="store_true", help="write COCO JSON and run pycocotools")
+    p.add_argument("--project", default=str(ROOT / "runs/val"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.add_argument("--noplots", action="store_true", help="do not write plots")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Metrics:
+    opt = vars(parse_opt(argv))
+    opt["plots"] = not opt.pop("noplots")
+    return run(**opt)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,12 +102,13 @@ def _load_model(weights: str | Path) -> tuple[torch.nn.Module, dict]:
 def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "torchscript"),
         imgsz: int | tuple[int, int] | list[int] = 320, batch_size: int = 1, dynamic: bool = False,
         simplify: bool = False, opset: int = 17, check_image: str | Path | None = None,
-        outdir: str | Path | None = None) -> dict[str, Path]:
+        outdir: str | Path | None = None, threads: int | None = None) -> dict[str, Path]:
     """Export `weights` (.pt checkpoint) to each format in `include`; returns {format: file}.
 
     Files go next to the weights (or into `outdir`) as `<stem>.onnx` / `<stem>.torchscript`. `imgsz` is
     the input size (int or [h, w], multiples of the model stride). Raises `ExportError` for bad
     arguments, an unreadable checkpoint or a failed parity check (the file is kept for inspection).
+    `threads` is passed to the `DetectBackend` that runs the check (default: physical cores).
     """
     from utils.exporters import export_onnx, export_torchscript
 
@@ -138,7 +139,7 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
         else:
             export_torchscript(wrapper, torch.zeros_like(x), file, meta)
         try:
-            parity = compare(fmt, ref, DetectBackend(file)(x))
+            parity = compare(fmt, ref, DetectBackend(file, threads=threads)(x))
         except BackendError as e:
             raise ExportError(f"{file}: written but cannot be loaded back: {e}") from None
         size_mb = file.stat().st_size / 1e6

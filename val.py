@@ -154,7 +154,8 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
         if plots and bi < PLOT_BATCHES:
             from utils.plots_val import plot_val_pairs
 
-            plot_val_pairs(imgs, targets.cpu(), [d.cpu() for d in dets], names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
+            dets = [d.cpu() for d in dets]
+            plot_val_pairs(imgs, targets.cpu(), dets, names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
     if was_training:
         model.train()
     m = compute_metrics(preds, gts, nc)
@@ -166,12 +167,18 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
     if plots:
         _finish_plots(m, cm, names, Path(save_dir))
     if save_json:
-        from utils.coco import run_cocoeval, save_coco_json
-
-        gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, Path(save_dir), files)
-        print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")
-        m.coco_stats = run_cocoeval(gt_json, pred_json, verbose=True)
+        m.coco_stats = _coco_json(preds, gts, shapes0, files, names, Path(save_dir))
     return m
+
+
+def _coco_json(preds: list, gts: list, shapes0: list, files: list[str], names: list[str],
+               save_dir: Path) -> np.ndarray:
+    """Write predictions.json + gt_coco.json and print pycocotools' summary; returns its 12 stats."""
+    from utils.coco import run_cocoeval, save_coco_json
+
+    gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, save_dir, files)
+    print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")
+    return run_cocoeval(gt_json, pred_json, verbose=True)
 
 
 def _load_model(weights: str | Path, device: torch.device):
@@ -213,7 +220,8 @@ def run(data: str | Path, weights: str | Path, imgsz: int = 320, batch_size: int
                          f"use matching data or --single-cls")
     rect = model.dynamic
     if not model.dynamic and model.imgsz[0] != imgsz:
-        print(f"WARNING: {Path(weights).name} is a fixed {model.imgsz[0]}x{model.imgsz[1]} export; --imgsz {imgsz} ignored")
+        print(f"WARNING: {Path(weights).name} is a fixed {model.imgsz[0]}x{model.imgsz[1]} export; "
+              f"--imgsz {imgsz} ignored")
         imgsz = model.imgsz[0]
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     loader, _ = create_dataloader(sources, imgsz, batch_size, stride=model.stride, rect=rect, workers=workers,

@@ -111,3 +111,26 @@ def test_autoanchor_on_dataset_follows_stride_order(capsys):
     assert anchor_metrics(wh, new.reshape(-1, 2).double().numpy(), 4.0)[0] >= 0.98
     with pytest.raises(ValueError, match='strides'):
         autoanchor(ds, torch.full((3, 3, 2), 300.0), torch.tensor([8.0, 16.0]), imgsz=320)
+
+
+def test_bpr_agrees_with_loss_matching():
+    """A label AutoAnchor counts as recallable is matched by ComputeLoss, and vice versa."""
+    from utils.loss import ComputeLoss
+
+    # px at 320, plus slivers no anchor fits and two sizes near the 4x ratio limit of the 8 x 8 anchor
+    wh = np.concatenate([_synthetic_wh(100, seed=4), [[2.0, 60.0], [300.0, 3.0], [1.0, 1.0]],
+                         [[8 * 4 * 0.999, 8.0], [8 * 4 * 1.001, 8.0]]])
+    anchors = torch.tensor(CENTRES[np.argsort(CENTRES.prod(1))].reshape(3, 3, 2), dtype=torch.float32)
+    x = aa._best_ratio(wh, anchors.reshape(-1, 2).double().numpy()).max(1)
+    fits = x > 1 / 4.0
+    assert 0 < fits.sum() < len(wh)  # the case has both kinds of label
+    hyp = {'box': 0.05, 'obj': 1.0, 'cls': 0.5, 'cls_pw': 1.0, 'obj_pw': 1.0, 'anchor_t': 4.0}
+    loss_fn = ComputeLoss(anchors, torch.tensor([8.0, 16.0, 32.0]), 1, hyp)
+    n = len(wh)  # one image per label, so the matched image index names the label
+    maps = [torch.zeros(1).expand(n, 3, 320 // s, 320 // s, 6) for s in (8, 16, 32)]
+    targets = torch.tensor(np.column_stack([np.arange(n), np.zeros(n), np.full((n, 2), 0.5), wh / 320]),
+                           dtype=torch.float32)
+    matched = torch.zeros(n, dtype=torch.bool)
+    for lt in loss_fn.build_targets(maps, targets):
+        matched[lt.b] = True
+    assert matched.numpy().tolist() == fits.tolist()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -178,3 +177,24 @@ def test_random_perspective_drops_boxes_pushed_out() -> None:
     out, kept = A.random_perspective(img, labels, np.random.default_rng(0), translate=0, scale=0)
     assert out.shape == img.shape and kept[:, 0].tolist() == [0.0]  # the 2x2 px box is too small
     np.testing.assert_allclose(kept[0, 1:], labels[0, 1:], atol=1e-4)
+
+
+def test_distributed_ranks_split_the_data(synth: Path) -> None:
+    cfg = check_dataset(synth)
+    seen = []
+    for rank in (0, 1):
+        loader, ds = create_dataloader(cfg.train, 64, 2, hyp=NO_AUG, augment=True, workers=0, shuffle=True,
+                                       rank=rank, world_size=2, nc=3)
+        ds.set_epoch(1)
+        assert loader.sampler.epoch == 1 and len(loader) == 2
+        seen.append([p for _, _, paths, _ in loader for p in paths])
+    assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(ds.im_files)
+
+
+def test_mixup_blends_images_and_keeps_both_label_sets() -> None:
+    a, b = np.full((4, 4, 3), 200, np.uint8), np.full((4, 4, 3), 0, np.uint8)
+    la, lb = np.array([[0, 1, 1, 2, 2]], np.float32), np.array([[1, 0, 0, 3, 3], [2, 1, 1, 3, 3]], np.float32)
+    img, lab = A.mixup(a, la, b, lb, np.random.default_rng(0))
+    assert 60 < img.mean() < 140 and (img == img[0, 0]).all()  # Beta(32, 32) weights stay near 0.5
+    assert lab[:, 0].tolist() == [0, 1, 2]

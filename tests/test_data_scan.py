@@ -14,7 +14,7 @@ from PIL import Image
 from utils.data.data_yaml import DataConfigError
 from utils.data.dataset import YoloDataset
 from utils.data.images import read_image, verify_image
-from utils.data.scan import cache_path_for, scan_images
+from utils.data.scan import CACHE_VERSION, cache_path_for, scan_images
 
 LABEL = "0 0.5 0.5 0.5 0.5\n"
 
@@ -115,17 +115,19 @@ def test_cache_reused_rebuilt_when_stale_and_when_corrupt(split: dict[str, Path]
     first = scan_images(files, nc=1)
     cpath = cache_path_for(files)
     assert cpath.name == "train.cache" and cpath.parent.name == "labels"
-    assert json.loads(cpath.read_text())["version"] == 1  # plain JSON, safe to load
+    assert json.loads(cpath.read_text())["version"] == CACHE_VERSION  # plain JSON, safe to load
     assert not [p for p in cpath.parent.iterdir() if p.name.endswith(".tmp")]
     again = scan_images(files, nc=1)
     assert again.from_cache and again.im_files == first.im_files
     lab = split["good"].parents[2] / "labels" / "train" / "good.txt"
-    lab.write_text("0 0.5 0.5 0.5 0.5\n0 0.2 0.2 0.1 0.1\n")
+    lab.write_text("0 0.5 0.5 0.5 0.5\n0 0.2 0.2 0.1 0.1\n1 0.7 0.7 0.1 0.1\n")
     os.utime(lab, ns=(1, 1))  # a different mtime even on coarse-clock file systems
     stale = scan_images(files, nc=1)
     assert not stale.from_cache
     assert len(stale.labels[stale.im_files.index(str(split["good"]))]) == 2
-    assert not scan_images(files, nc=2).from_cache  # nc is part of the key: class checks differ
+    assert f"{lab}:3: class 1 >= nc=1; row dropped" in stale.msgs
+    wider = scan_images(files, nc=2)  # the class check runs after loading: one cache serves any nc
+    assert wider.from_cache and len(wider.labels[wider.im_files.index(str(split["good"]))]) == 3
     cpath.write_bytes(b"\x00garbage{")
     with caplog.at_level(logging.WARNING):
         rebuilt = scan_images(files, nc=2)
@@ -155,3 +157,17 @@ def test_train_split_without_labels(tmp_path: Path) -> None:
         YoloDataset([d], imgsz=64, augment=True)
     ds = YoloDataset([d], imgsz=64, augment=False)  # a background-only val split is legal
     assert len(ds) == 2 and all(len(lb) == 0 for lb in ds.labels)
+
+
+def test_undecodable_label_file_skips_its_image(tmp_path: Path, caplog) -> None:
+    d, lab = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    d.mkdir(parents=True)
+    lab.mkdir(parents=True)
+    for name in ("a", "b"):
+        cv2.imwrite(str(d / f"{name}.jpg"), _noise(32, 32))
+    (lab / "a.txt").write_text(LABEL)
+    (lab / "b.txt").write_bytes(b"\xff\xfe\x00garbage\x81")
+    with caplog.at_level(logging.WARNING):
+        res = scan_images([str(d / "a.jpg"), str(d / "b.jpg")], nc=1)
+    assert res.im_files == [str(d / "a.jpg")] and res.n_corrupt == 1
+    assert f"{lab / 'b.txt'}: label file unreadable" in caplog.text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     """Tiny tensors: one intra-op thread is faster than fighting other processes for the 2 cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -173,7 +174,8 @@ def test_objectness_target_is_clamped_ciou():
     loss_fn = ComputeLoss(torch.tensor([[[4.0, 4.0]]]), torch.tensor([8.0]), 2, HYP)  # anchor 0.5 cell
     maps = [torch.zeros(2, 1, 8, 8, 7, requires_grad=True)]  # every prediction: centre 0.5, size = anchor
     targets = torch.tensor([[0, 0, 2.5 / 8, 5.5 / 8, 0.5 / 8, 0.5 / 8],  # centred, anchor-sized: CIoU 1, no neighbours
-                            [1, 1, 2.3 / 8, 5.7 / 8, 0.5 / 8, 0.5 / 8]])  # neighbours see it ~1 cell away
+                            [1, 1, 2.3 / 8, 5.7 / 8, 0.5 / 8, 0.5 / 8],  # neighbours see it ~1 cell away
+                            [0, 1, 2.5 / 8, 5.5 / 8, 0.5 / 8, 0.5 / 8]])  # same cell as row 0: max, not sum
     loss, _ = loss_fn(maps, targets)
     loss.backward()
     _, g_obj, _ = scaled_gains(HYP, 1, 2, 64)

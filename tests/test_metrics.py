@@ -122,6 +122,14 @@ def test_parity_iou_exactly_on_thresholds(tmp_path):
     assert m.map50 < 1
 
 
+def test_parity_degenerate_boxes(tmp_path):
+    preds, gts = make_case(11)
+    for p in preds[::2]:
+        p[::3, [0, 2]] = p[::3, [2, 0]]  # x2 < x1: negative area, which COCOeval ignores when unmatched
+    assert any((p[:, 2] < p[:, 0]).any() for p in preds)
+    assert_parity(preds, gts, 3, tmp_path)
+
+
 def test_perfect_and_no_predictions():
     _, gts = make_case(7)
     perfect = [np.concatenate((g[:, 1:], np.full((len(g), 1), 0.9), g[:, :1]), 1) for g in gts]
@@ -165,6 +173,8 @@ def test_bad_input_is_named():
         compute_metrics([np.array([[0, 0, 1, 1, np.nan, 0]])], [np.zeros((0, 5))], 2)
     with pytest.raises(ValueError, match="gts has 2"):
         compute_metrics([np.zeros((0, 6))], [np.zeros((0, 5))] * 2, 2)
+    with pytest.raises(ValueError, match="gts\\[0\\]: a box has x2 < x1"):
+        compute_metrics([np.zeros((0, 6))], [np.array([[0, 5, 0, 1, 1]])], 2)
     with pytest.raises(ValueError, match="negative class"):
         compute_metrics([np.zeros((0, 6))], [np.array([[-1, 0, 0, 1, 1]])], 2)
     assert isinstance(Metrics(), Metrics) and Metrics().fitness() == 0

@@ -35,7 +35,8 @@ class ConfusionMatrix:
         """Add one image. Accepts numpy arrays or torch tensors; either may be empty."""
         det = np.asarray(detections.detach().cpu() if hasattr(detections, "detach") else detections, float)
         lab = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels, float)
-        det, lab = det.reshape(-1, 6) if det.size else np.zeros((0, 6)), lab.reshape(-1, 5) if lab.size else np.zeros((0, 5))
+        det = det.reshape(-1, 6) if det.size else np.zeros((0, 6))
+        lab = lab.reshape(-1, 5) if lab.size else np.zeros((0, 5))
         det = det[det[:, 4] > self.conf]
         dc, gc = self._classes(det[:, 5], "detection"), self._classes(lab[:, 0], "label")
         d_used = np.zeros(len(det), bool)

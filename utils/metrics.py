@@ -21,6 +21,7 @@ import numpy as np
 IOU_THRS = np.linspace(0.5, 0.95, 10)  # same values as COCOeval Params (linspace, not arange)
 REC_THRS = np.linspace(0.0, 1.0, 101)
 MAX_DETS = 100  # per image and class, COCOeval's largest maxDets
+AREA_ALL = (0.0, 1e5 ** 2)  # COCOeval's area range "all"
 CONF_GRID = np.linspace(0.0, 1.0, 1000)  # confidence axis of the P/R/F1 curves
 
 
@@ -29,13 +30,16 @@ class Matches:
     """Kept detections (top 100 per image and class), flattened over images.
 
     `img`, `pos` (row in its image's input array), `cls` int `[K]`; `conf` float64 `[K]`;
-    `tp` bool `[K, T]` (True = matched at IOU_THRS[t]); `n_gt` int `[nc]` ground truths per class.
+    `tp` bool `[K, T]` (True = matched at IOU_THRS[t]); `ignore` bool `[K, T]` unmatched detections whose
+    area w*h is outside COCO's "all" range [0, 1e10] (only degenerate x2 < x1 boxes), neither TP nor FP;
+    `n_gt` int `[nc]` ground truths per class.
     """
     img: np.ndarray
     pos: np.ndarray
     cls: np.ndarray
     conf: np.ndarray
     tp: np.ndarray
+    ignore: np.ndarray
     n_gt: np.ndarray
 
 
@@ -126,6 +130,9 @@ def _flatten(preds: list, gts: list) -> tuple[dict, dict]:
     for what, c in (("preds", pa[:, 5]), ("gts", ga[:, 0])):
         if (c < 0).any():
             raise ValueError(f"{what}: negative class id {c[c < 0][0]}")
+    for i, x in enumerate(g):
+        if ((x[:, 3] < x[:, 1]) | (x[:, 4] < x[:, 2])).any():
+            raise ValueError(f"gts[{i}]: a box has x2 < x1 or y2 < y1 (labels must be cls, x1, y1, x2, y2)")
     det = {"img": np.repeat(np.arange(len(p)), [len(x) for x in p]),
            "pos": np.concatenate([np.arange(len(x)) for x in p]) if p else np.zeros(0, int),
            "box": _xywh(pa[:, :4]), "conf": pa[:, 4], "cls": pa[:, 5].round().astype(np.int64)}
@@ -156,6 +163,22 @@ def _greedy_match(ious: np.ndarray, thrs: np.ndarray) -> np.ndarray:
         taken[bi, ti, best[bi, ti]] = True
         tp[:, r, :] = has
     return tp
+
+
+def _chunks(dn: list[int], gn: list[int], budget: int):
+    """Yield (start, stop) runs of groups whose padded size n * max(dn) * max(gn) stays within `budget`.
+
+    `gn` is ascending, so the last group of a run has the run's largest ground-truth count.
+    """
+    start, dmax = 0, 0
+    for k, (d, g) in enumerate(zip(dn, gn)):
+        grown = max(dmax, d)
+        if k > start and (k - start + 1) * grown * g > budget:
+            yield start, k
+            start, grown = k, d
+        dmax = grown
+    if dn:
+        yield start, len(dn)
 
 
 def _group_slices(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,19 +213,17 @@ def match_detections(preds: list, gts: list, nc: int, max_dets: int = MAX_DETS,
     tp = np.zeros((len(order), len(IOU_THRS)), bool)
     both = np.nonzero(has_gt)[0]
     both = both[np.argsort(gcount[gidx[both]], kind="stable")]  # similar sizes share a chunk: less padding
-    i = 0
-    while i < len(both):
-        j = i + 1
-        while j < len(both) and (j - i + 1) * max(dcount[both[i:j + 1]].max(), 1) * gcount[gidx[both[j]]] <= chunk_elems:
-            j += 1
+    for i, j in _chunks(dcount[both].tolist(), gcount[gidx[both]].tolist(), chunk_elems):
         grp = both[i:j]
         tp_rows = _match_chunk(grp, dstart, dcount, gidx, gstart, gcount, order, gorder, det, gt)
         rows = np.concatenate([np.arange(dstart[k], dstart[k] + dcount[k]) for k in grp])
         tp[rows] = tp_rows
-        i = j
     n_gt = np.bincount(gt["cls"], minlength=ncls)
+    box = det["box"][order]
+    area = box[:, 2] * box[:, 3]
+    ignore = ~tp & ((area < AREA_ALL[0]) | (area > AREA_ALL[1]))[:, None]
     return Matches(img=det["img"][order], pos=det["pos"][order], cls=det["cls"][order],
-                   conf=det["conf"][order], tp=tp, n_gt=n_gt)
+                   conf=det["conf"][order], tp=tp, ignore=ignore, n_gt=n_gt)
 
 
 def _match_chunk(grp, dstart, dcount, gidx, gstart, gcount, order, gorder, det, gt) -> np.ndarray:
@@ -232,7 +253,7 @@ def coco_ap(m: Matches) -> tuple[np.ndarray, np.ndarray]:
         if tps.shape[1] == 0:
             continue
         tp_sum = np.cumsum(tps, axis=1).astype(float)
-        fp_sum = np.cumsum(~tps, axis=1).astype(float)
+        fp_sum = np.cumsum(~tps & ~m.ignore[sel].T, axis=1).astype(float)
         rc = tp_sum / m.n_gt[c]
         pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # monotone envelope
@@ -253,7 +274,7 @@ def prf1_curves(m: Matches, classes: np.ndarray, px: np.ndarray = CONF_GRID) -> 
     p = np.zeros((len(classes), len(px)))
     r = np.zeros_like(p)
     for ci, c in enumerate(classes):
-        sel = m.cls == c
+        sel = (m.cls == c) & ~m.ignore[:, 0]
         if not sel.any():
             continue
         conf, tp = m.conf[sel], m.tp[sel, 0]

@@ -5,7 +5,6 @@ draw comes from the `rng` passed in, so a result is a pure function of (inputs, 
 """
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np

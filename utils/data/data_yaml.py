@@ -12,6 +12,7 @@ A data YAML is written as YOLOv5/Ultralytics users write it::
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,8 @@ def list_image_files(sources: list[Path] | Path | str) -> list[str]:
             files.append(s)
         else:
             raise DataConfigError(f"image source does not exist: {s}")
-    keep = {str(p.resolve()) for p in files if p.suffix[1:].lower() in IMG_FORMATS}
+    # absolute but not symlink-resolved: labels are looked up beside the path the user gave
+    keep = {os.path.abspath(p) for p in files if p.suffix[1:].lower() in IMG_FORMATS}
     return sorted(keep)
 
 

@@ -74,9 +74,15 @@ def parse_label_file(path: str | Path, nc: int | None = None) -> tuple[np.ndarra
     lines and trailing spaces are accepted. Duplicate rows are removed with one warning. Each warning
     names the file and 1-based line. An unreadable file raises OSError/UnicodeDecodeError.
     """
+    rows, msgs = parse_label_lines(path, nc)
+    return rows[:, :5].copy(), msgs
+
+
+def parse_label_lines(path: str | Path, nc: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """As `parse_label_file`, with a 6th column holding each row's 1-based line number."""
     p = Path(path)
     if not p.is_file():
-        return np.zeros((0, 5), np.float32), []
+        return np.zeros((0, 6), np.float32), []
     rows, msgs, seen = [], [], set()
     dups = []
     for ln, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -90,7 +96,14 @@ def parse_label_file(path: str | Path, nc: int | None = None) -> tuple[np.ndarra
             dups.append(ln)
             continue
         seen.add(key)
-        rows.append(row)
+        rows.append(row + [ln])
     if dups:
         msgs.append(f"{p}: {len(dups)} duplicate row(s) removed (line {', '.join(map(str, dups[:10]))})")
-    return np.array(rows, np.float32).reshape(-1, 5), msgs
+    return np.array(rows, np.float32).reshape(-1, 6), msgs
+
+
+def drop_classes_from(rows: np.ndarray, nc: int, label_file: str) -> tuple[np.ndarray, list[str]]:
+    """Remove rows [n, 6] (cls, cx, cy, w, h, line) whose class is >= nc -> ([m, 5] kept, warnings)."""
+    bad = rows[:, 0] >= nc
+    msgs = [f"{label_file}:{int(r[5])}: class {int(r[0])} >= nc={nc}; row dropped" for r in rows[bad]]
+    return rows[~bad, :5].copy(), msgs

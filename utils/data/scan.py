@@ -1,8 +1,9 @@
 """Scan a split: check every image and label file in parallel, cache the result next to the labels.
 
 Cache: `<labels dir>.cache` (e.g. `labels/train.cache`), JSON (safe to load, no pickle), written to a
-temp file and `os.replace`d. It is keyed by a hash of every image and label path, size and mtime, the
-class count and `CACHE_VERSION`; a stale, corrupt or unreadable cache is ignored and rebuilt.
+temp file and `os.replace`d. It is keyed by a hash of every image and label path, size and mtime and
+`CACHE_VERSION`; a stale, corrupt or unreadable cache is ignored and rebuilt. The class-count check is
+applied after loading, so callers with different `nc` share one cache.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from tqdm import tqdm
 
 from utils.data.data_yaml import img2label_path
 from utils.data.images import verify_image
-from utils.data.labels import parse_label_file
+from utils.data.labels import drop_classes_from, parse_label_lines
 
 LOGGER = logging.getLogger("mobileyolo.data")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the cached entry layout changes: old caches are then rebuilt
 
 
 @dataclass
@@ -42,9 +43,9 @@ def cache_path_for(im_files: list[str]) -> Path:
     return Path(img2label_path(im_files[0])).parent.with_suffix(".cache")
 
 
-def files_hash(im_files: list[str], nc: int | None) -> str:
+def files_hash(im_files: list[str]) -> str:
     """Hash of paths, sizes and mtimes of every image and label file (missing labels count too)."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}|nc={nc}".encode())
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for f in im_files:
         for p in (f, img2label_path(f)):
             try:
@@ -55,15 +56,15 @@ def files_hash(im_files: list[str], nc: int | None) -> str:
     return h.hexdigest()
 
 
-def _check_one(args: tuple[str, int | None]) -> tuple[str, tuple[int, int] | None, list, list[str]]:
-    im_file, nc = args
+def _check_one(im_file: str) -> tuple[str, tuple[int, int] | None, list, list[str]]:
+    """(image, (w, h) or None when unusable, label rows [n, 6] with line numbers, warnings)."""
     shape, msg = verify_image(im_file)
     msgs = [msg] if msg else []
     if shape is None:
         return im_file, None, [], msgs
     lb_file = img2label_path(im_file)
     try:
-        labels, lmsgs = parse_label_file(lb_file, nc)
+        labels, lmsgs = parse_label_lines(lb_file)
     except (OSError, UnicodeDecodeError) as e:
         return im_file, None, [], msgs + [f"{lb_file}: label file unreadable ({e}); image skipped"]
     return im_file, shape, labels.tolist(), msgs + lmsgs
@@ -100,18 +101,18 @@ def scan_images(im_files: list[str], nc: int | None = None, prefix: str = "", us
     if not im_files:
         return ScanResult([], [], np.zeros((0, 2), int))
     cpath = cache_path_for(im_files)
-    key = files_hash(im_files, nc)
+    key = files_hash(im_files)
     cache = _load_cache(cpath, key) if use_cache else None
     from_cache = cache is not None
     if cache is None:
         entries = []
         with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1, len(im_files)))) as ex:
-            it = ex.map(_check_one, [(f, nc) for f in im_files])
+            it = ex.map(_check_one, im_files)
             for im_file, shape, labels, msgs in tqdm(it, total=len(im_files), desc=f"{prefix}scanning {cpath.with_suffix('')}",
                                                      leave=False, disable=len(im_files) < 64):
                 entries.append([im_file, shape, labels, msgs])
         cache = {"version": CACHE_VERSION, "hash": key, "entries": entries}
-        if use_cache:
+        if use_cache and cpath.parent.is_dir():  # no labels folder (background-only split): nothing to cache beside
             _save_cache(cpath, cache)
     res = ScanResult([], [], np.zeros((0, 2), int), from_cache=from_cache)
     shapes = []
@@ -120,7 +121,11 @@ def scan_images(im_files: list[str], nc: int | None = None, prefix: str = "", us
         if shape is None:
             res.n_corrupt += 1
             continue
-        lab = np.array(labels, np.float32).reshape(-1, 5)
+        lab = np.array(labels, np.float32).reshape(-1, 6)
+        if nc is not None:
+            lab, nc_msgs = drop_classes_from(lab, nc, img2label_path(im_file))
+            res.msgs += nc_msgs
+        lab = lab[:, :5]
         res.im_files.append(im_file)
         res.labels.append(lab)
         shapes.append(shape)

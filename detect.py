@@ -91,8 +91,9 @@ class Speed:
         return self.pre * k, self.inf * k, self.nms * k
 
 
-def newest_best(runs: Path = TRAIN_RUNS) -> Path:
-    """The most recently written `runs/train/*/weights/best.pt`; `DetectError` when there is none."""
+def newest_best(runs: Path | None = None) -> Path:
+    """The most recently written `<runs>/*/weights/best.pt` (default `runs/train`); `DetectError` if none."""
+    runs = Path(runs) if runs is not None else TRAIN_RUNS
     found = sorted(runs.glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise DetectError(f"no trained weights found ({runs}/*/weights/best.pt): train first, "
@@ -141,6 +142,7 @@ class Detector:
             if bad:
                 raise DetectError(f"--classes {bad}: the model has classes 0..{self.backend.nc - 1} "
                                   f"({', '.join(self.backend.names)})")
+        self.backend.warmup(self.imgsz)  # so the first frame's time excludes lazy initialisation
         self.save_dir = increment_path(Path(opts.project) / opts.name, exist_ok=opts.exist_ok, mkdir=True)
         self.speed = Speed()
         self.detections = 0

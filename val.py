@@ -93,6 +93,28 @@ def _finish_plots(m: Metrics, cm, names: list[str], save_dir: Path) -> None:
 
 
 @torch.no_grad()
+def _run_batches(model, batches, device: torch.device, use_half: bool, loss_fn, nms_kw: dict):
+    """Yield per batch `(imgs, targets (cpu), paths, shapes, (H, W), dets (cpu), times [3] s, loss parts or None)`."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for imgs, targets, paths, shapes in batches:
+        t0 = time.perf_counter()
+        x = imgs.to(device, non_blocking=True)
+        x = (x.half() if use_half else x.float()) / 255
+        sync()
+        t1 = time.perf_counter()
+        pred, maps = split_output(model(x), model)
+        sync()
+        t2 = time.perf_counter()
+        parts = None
+        if loss_fn is not None and maps is not None:  # the loss is not timed: it is not part of inference
+            parts = loss_fn([m.float() for m in maps], targets.to(device))[1].detach().float().cpu()
+        t3 = time.perf_counter()
+        dets = [d.cpu() for d in non_max_suppression(pred.float(), **nms_kw)]
+        times = np.array([t1 - t0, t2 - t1, time.perf_counter() - t3])
+        yield imgs, targets.cpu(), paths, shapes, tuple(x.shape[2:]), dets, times, parts
+
+
+@torch.no_grad()
 def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou_thres: float = 0.6,
              max_det: int = 300, device: str | torch.device = "cpu", save_dir: Path | None = None,
              plots: bool = False, verbose: bool = False, loss_fn=None, half: bool = False,
@@ -128,36 +150,25 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
         labels_dir.mkdir(parents=True, exist_ok=True)
     preds, gts, shapes0, files = [], [], [], []
     dt, loss_sum, nb = np.zeros(3), torch.zeros(3), 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for bi, (imgs, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=HEADER, leave=False)):
-        t0 = time.perf_counter()
-        x = imgs.to(device, non_blocking=True)
-        x = (x.half() if use_half else x.float()) / 255
-        targets = targets.to(device)
-        sync()
-        t1 = time.perf_counter()
-        pred, maps = split_output(model(x), model)
-        sync()
-        t2 = time.perf_counter()
-        if loss_fn is not None and maps is not None:
-            loss_sum += loss_fn([m.float() for m in maps], targets)[1].detach().float().cpu()
-            nb += 1
-        t3 = time.perf_counter()
-        dets = non_max_suppression(pred.float(), conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
-                                   max_det=max_det)
-        dt += (t1 - t0, t2 - t1, time.perf_counter() - t3)
-        for path, (p, g, s0) in zip(paths, _image_records(dets, targets, shapes, tuple(x.shape[2:]), single_cls)):
-            preds.append(p), gts.append(g), shapes0.append(s0), files.append(path)
-            cm.process_batch(p, g)
-            if labels_dir:
-                _save_txt(path, p, s0, labels_dir, save_conf)
-        if plots and bi < PLOT_BATCHES:
-            from utils.plots_val import plot_val_pairs
+    nms_kw = dict(conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True, agnostic=single_cls, max_det=max_det)
+    try:
+        batches = _run_batches(model, tqdm(dataloader, desc=HEADER, leave=False), device, use_half, loss_fn, nms_kw)
+        for bi, (imgs, targets, paths, shapes, hw, dets, times, parts) in enumerate(batches):
+            dt += times
+            if parts is not None:
+                loss_sum, nb = loss_sum + parts, nb + 1
+            for path, (p, g, s0) in zip(paths, _image_records(dets, targets, shapes, hw, single_cls)):
+                preds.append(p), gts.append(g), shapes0.append(s0), files.append(path)
+                cm.process_batch(p, g)
+                if labels_dir:
+                    _save_txt(path, p, s0, labels_dir, save_conf)
+            if plots and bi < PLOT_BATCHES:
+                from utils.plots_val import plot_val_pairs
 
-            dets = [d.cpu() for d in dets]
-            plot_val_pairs(imgs, targets.cpu(), dets, names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
-    if was_training:
-        model.train()
+                plot_val_pairs(imgs, targets, dets, names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
+    finally:
+        if was_training:
+            model.train()
     m = compute_metrics(preds, gts, nc)
     m.speed = dict(zip(("pre", "inf", "nms"), (dt * 1e3 / max(len(preds), 1)).tolist()))
     m.loss = (loss_sum / nb).numpy() if nb else None

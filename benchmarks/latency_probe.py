@@ -8,13 +8,17 @@ Usage: python benchmarks/latency_probe.py --cfg models/yolov5n.yaml models/mobil
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
@@ -22,53 +26,61 @@ if __name__ == "__main__" and not __package__:
 from models.yolo import Model  # noqa: E402
 
 
-def _median_ms(fn, runs: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def _interleaved_medians(fns: list[Callable[[], object]], runs: int, warmup: int = 5) -> list[float]:
+    """Median ms per callable, timing them round-robin so load changes hit all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in tqdm(range(runs), desc="timing", leave=False):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
-def time_torch(model: Model, imgsz: int, runs: int) -> float:
-    """Median ms of a fused, channels_last, inference_mode forward at batch 1."""
-    m = model.eval().to(memory_format=torch.channels_last)
+def torch_fn(model: Model, imgsz: int) -> Callable[[], object]:
+    """Fused, eval, channels_last forward at batch 1 under inference_mode (detect.py's path)."""
+    m = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     x = torch.rand(1, 3, imgsz, imgsz).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return _median_ms(lambda: m(x), runs)
+
+    def fn() -> object:
+        with torch.inference_mode():
+            return m(x)
+    return fn
 
 
-def time_onnx(model: Model, imgsz: int, runs: int, threads: int) -> float:
-    """Median ms of onnxruntime (CPU, `threads` intra-op threads) on the exported raw-map graph."""
+def onnx_fn(model: Model, imgsz: int, threads: int) -> Callable[[], object]:
+    """onnxruntime CPU session (`threads` intra-op threads) on the exported raw-map graph."""
     import onnxruntime as ort
 
     x = torch.rand(1, 3, imgsz, imgsz)
     buf = io.BytesIO()
-    torch.onnx.export(model.eval().to(memory_format=torch.contiguous_format), (x,), buf,
-                      opset_version=17, dynamo=False, input_names=["images"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), buf, opset_version=17, dynamo=False, input_names=["images"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     feed = {"images": x.numpy()}
-    return _median_ms(lambda: sess.run(None, feed), runs)
+    return lambda: sess.run(None, feed)
 
 
 def run(cfgs: list[str], imgsz: int = 320, runs: int = 30, threads: int = 2, onnx: bool = True) -> list[dict]:
-    """Time each config (first one is the reference) and print a table; returns the rows."""
+    """Time each config (the first is the reference) in PyTorch and ORT; print and return rows."""
     torch.set_num_threads(threads)
-    rows = []
-    for cfg in cfgs:
-        model = Model(cfg).fuse().eval()
-        params = sum(p.numel() for p in model.parameters())
-        row = {"cfg": Path(cfg).stem, "params": params, "torch_ms": time_torch(model, imgsz, runs)}
-        row["onnx_ms"] = time_onnx(model, imgsz, runs, threads) if onnx else float("nan")
-        rows.append(row)
+    models = [Model(cfg).fuse().eval() for cfg in cfgs]
+    rows = [{"cfg": Path(c).stem, "params": sum(p.numel() for p in m.parameters())} for c, m in zip(cfgs, models)]
+    for r, ms in zip(rows, _interleaved_medians([torch_fn(m, imgsz) for m in models], runs)):
+        r["torch_ms"] = ms
+    ort_ms = _interleaved_medians([onnx_fn(m, imgsz, threads) for m in models], runs) if onnx else [float("nan")] * len(rows)
+    for r, ms in zip(rows, ort_ms):
+        r["onnx_ms"] = ms
     ref = rows[0]
-    print(f"imgsz {imgsz}, batch 1, {threads} threads, median of {runs} (noisy shared CPU: compare ratios)")
+    print(f"imgsz {imgsz}, batch 1, {threads} threads, median of {runs}, models interleaved "
+          f"(shared CPU: compare ratios within one run)")
     print(f"{'config':<32}{'params':>10}{'torch ms':>10}{'x ref':>7}{'ort ms':>9}{'x ref':>7}")
     for r in rows:
         print(f"{r['cfg']:<32}{r['params']:>10,}{r['torch_ms']:>10.2f}{r['torch_ms'] / ref['torch_ms']:>7.2f}"

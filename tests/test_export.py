@@ -133,3 +133,55 @@ def test_cli(tmp_path, capsys):
     assert export.main(["--weights", str(pt), "--include", "torchscript", "--imgsz", "64"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "m.torchscript").is_file() and "max abs diff" in out and "Export done" in out
+
+
+def _quick_trained_checkpoint(root: Path) -> tuple[Path, Path]:
+    """(data YAML, checkpoint) of the tiny model fitted for 150 Adam steps on 8 synthetic images.
+
+    Gives mAP50 around 0.7 (measured 0.77 with 200 steps), so equal mAPs across formats mean something.
+    """
+    from models.yolo import Model
+    from tests.backend_helpers import TINY
+    from utils.checkpoint import save_checkpoint
+    from utils.data import check_dataset, create_dataloader
+    from utils.data.data_yaml import load_hyp
+    from utils.data.synthetic import make_synthetic_dataset
+    from utils.loss import ComputeLoss
+
+    data = make_synthetic_dataset(root / "syn", n_train=8, n_val=4, imgsz=64, nc=2, seed=1, same_val=True,
+                                  max_objects=2)
+    torch.manual_seed(0)
+    model, hyp = Model(TINY, nc=2), load_hyp()
+    loader, _ = create_dataloader(check_dataset(data).train, 64, 8, stride=16, hyp=hyp, workers=0, shuffle=True)
+    loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, 2, hyp)
+    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    model.train()
+    for _ in range(150):
+        imgs, targets, _, _ = next(iter(loader))
+        loss, _ = loss_fn(model(imgs.float() / 255), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ckpt = root / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "ema": None, "yaml": model.yaml, "names": ["red", "green"],
+                     "anchors": model.detect.anchors, "stride": model.stride, "hyp": {}, "args": {"imgsz": 64},
+                     "epoch": 0, "optimizer": None, "best_fitness": 0.0}, ckpt)
+    return data, ckpt
+
+
+def test_val_gives_the_same_map_on_exports(tmp_path, capsys):
+    import val
+
+    data, pt = _quick_trained_checkpoint(tmp_path)
+    dyn = export.run(pt, include=["onnx", "torchscript"], imgsz=64, dynamic=True, threads=1)
+    static = export.run(pt, include=["onnx"], imgsz=64, outdir=tmp_path / "static", threads=1)["onnx"]
+    maps = {}
+    for name, w in (("pt", pt), ("onnx", dyn["onnx"]), ("torchscript", dyn["torchscript"]), ("onnx-static", static)):
+        m = val.run(data, w, imgsz=64, batch_size=8, workers=0, project=tmp_path / "runs", plots=False)
+        maps[name] = (m.map50, m.map)
+    capsys.readouterr()
+    assert maps["pt"][0] > 0.3, f"the quick model should detect something: {maps}"
+    for name in ("onnx", "torchscript"):  # same (rectangular) batches as .pt: mAP must agree
+        assert abs(maps[name][0] - maps["pt"][0]) <= 1e-3 and abs(maps[name][1] - maps["pt"][1]) <= 1e-3, maps
+    print(f"val mAP50/mAP per format: {maps}")

@@ -130,6 +130,13 @@ def test_parity_degenerate_boxes(tmp_path):
     assert_parity(preds, gts, 3, tmp_path)
 
 
+def test_chunked_matching_equals_one_chunk():
+    preds, gts = make_case(12, n_img=12, max_gt=12)
+    one = match_detections(preds, gts, 3)
+    many = match_detections(preds, gts, 3, chunk_elems=60)  # forces dozens of small padded chunks
+    assert one.tp.any() and (one.tp == many.tp).all() and (one.conf == many.conf).all()
+
+
 def test_perfect_and_no_predictions():
     _, gts = make_case(7)
     perfect = [np.concatenate((g[:, 1:], np.full((len(g), 1), 0.9), g[:, :1]), 1) for g in gts]

@@ -98,8 +98,11 @@ def test_warmup_ramps_lr_and_momentum():
     assert by["norm"]["momentum"] == pytest.approx((0.8 + 0.937) / 2)
     apply_warmup(opt, 99, nw, 0.5, HYP)
     assert by["weights"]["lr"] == pytest.approx(0.99 * 0.005)
+    apply_warmup(opt, 100, nw, 0.5, HYP)  # the end of the ramp lands exactly on the scheduled values
+    assert by["weights"]["lr"] == pytest.approx(0.005) and by["bias"]["lr"] == pytest.approx(0.005)
+    assert by["weights"]["momentum"] == pytest.approx(0.937)
     by["weights"]["lr"] = 123.0
-    apply_warmup(opt, 100, nw, 1.0, HYP)  # past warm-up: untouched
+    apply_warmup(opt, 101, nw, 1.0, HYP)  # past warm-up: untouched
     assert by["weights"]["lr"] == 123.0
     adam = build_optimizer(Rows(), "Adam", lr=0.001, momentum=0.937)
     build_scheduler(adam, 10, 0.01)

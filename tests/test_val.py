@@ -10,8 +10,10 @@ import torch
 import val
 from utils.data import check_dataset, create_dataloader
 from utils.data.synthetic import make_synthetic_dataset
+from utils.paths import ROOT
 
 IMGSZ = 128
+CFG = ROOT / "models/mobilenetv3-small-yolo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +75,21 @@ def test_oracle_scores_one_and_boxes_return_to_original_pixels(data_yaml, tmp_pa
     assert len(txt) == 5 and len(txt[0].read_text().splitlines()[0].split()) == 5
 
 
+def test_single_cls_and_empty_loader(data_yaml, capsys):
+    cfg, loader, dataset = make_loader(data_yaml)
+    m = val.evaluate(Oracle(loader, cfg.nc), loader, cfg.names, single_cls=True)
+    assert m.ap_class.tolist() == [0] and m.map == pytest.approx(1.0)
+    assert int(m.nt[0]) == sum(len(lb) for lb in dataset.labels)
+    empty = val.evaluate(lambda x: pytest.fail("no batches"), [], cfg.names)
+    assert empty.n_images == 0 and empty.map == 0
+    assert "no labels" in capsys.readouterr().out
+
+
 def test_raw_maps_are_decoded_and_loss_averaged(data_yaml, capsys):
     from models.yolo import Model
 
     cfg, loader, _ = make_loader(data_yaml)
-    model = Model("models/mobilenetv3-small-yolo.yaml", nc=cfg.nc).train()
+    model = Model(CFG, nc=cfg.nc).train()
     calls = []
 
     def loss_fn(maps, targets):
@@ -97,7 +109,7 @@ def test_run_cli_on_checkpoint(data_yaml, tmp_path, capsys):
     from models.yolo import Model
     from utils.checkpoint import save_checkpoint
 
-    model = Model("models/mobilenetv3-small-yolo.yaml", nc=2)
+    model = Model(CFG, nc=2)
     model.names = ["class0", "class1"]
     ckpt = {"model": model.state_dict(), "ema": None, "yaml": model.yaml, "names": model.names,
             "anchors": model.detect.anchors, "stride": model.stride, "args": {"imgsz": IMGSZ}, "epoch": 0}
@@ -119,7 +131,7 @@ def weights_for_nc(tmp_path, nc):
     from models.yolo import Model
     from utils.checkpoint import save_checkpoint
 
-    model = Model("models/mobilenetv3-small-yolo.yaml", nc=nc)
+    model = Model(CFG, nc=nc)
     return save_checkpoint({"model": model.state_dict(), "yaml": model.yaml, "names": [str(i) for i in range(nc)],
                             "stride": model.stride}, tmp_path / f"nc{nc}.pt")
 

@@ -197,11 +197,9 @@ def match_detections(preds: list, gts: list, nc: int, max_dets: int = MAX_DETS,
     ncls = max(nc, int(det["cls"].max(initial=-1)) + 1, int(gt["cls"].max(initial=-1)) + 1)
     dkey, gkey = det["img"] * ncls + det["cls"], gt["img"] * ncls + gt["cls"]
     order = np.lexsort((det["pos"], -det["conf"], dkey))  # group, then stable score order within it
-    dkey_s = dkey[order]
-    dgroups, dstart, dcount = _group_slices(dkey_s)
+    dgroups, dstart, dcount = _group_slices(dkey[order])
     rank = np.arange(len(order)) - np.repeat(dstart, dcount)
-    keep = rank < max_dets
-    order, dkey_s, rank = order[keep], dkey_s[keep], rank[keep]
+    order = order[rank < max_dets]  # COCOeval keeps the best `max_dets` per (image, class)
     dcount = np.minimum(dcount, max_dets)
     dstart = np.cumsum(dcount) - dcount
 

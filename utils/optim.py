@@ -90,12 +90,13 @@ def warmup_iters(warmup_epochs: float, batches_per_epoch: int, minimum: int = 10
 
 def apply_warmup(optimizer: torch.optim.Optimizer, ni: int, nw: int, epoch_lr_factor: float, hyp: dict,
                  momentum_key: str = "momentum") -> None:
-    """Set LR and momentum for iteration `ni` of a `nw`-iteration warm-up (no-op when `ni >= nw`).
+    """Set LR and momentum for iteration `ni` of a `nw`-iteration warm-up (no-op when `ni > nw`).
 
-    LR ramps linearly from 0 (biases: from `hyp['warmup_bias_lr']`) to `initial_lr * epoch_lr_factor`;
+    At `ni == nw` the targets themselves are set, so the rest of the epoch trains at the scheduled LR
+    rather than the last ramp value. LR ramps linearly from 0 (biases: from `hyp['warmup_bias_lr']`) to `initial_lr * epoch_lr_factor`;
     SGD momentum (or Adam beta1) from `hyp['warmup_momentum']` to `hyp['momentum']`.
     """
-    if ni >= nw:
+    if nw <= 0 or ni > nw:
         return
     xi = [0, nw]
     for g in optimizer.param_groups:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.backend import BackendError, DetectBackend
 from utils.boxes import scale_boxes
@@ -178,7 +179,7 @@ class Detector:
         self.writer = writer
         bar = tqdm(total=len(self.source) or None, unit="frame", desc="detect", dynamic_ncols=True,
                    file=sys.stderr, leave=True)
-        with writer, bar:
+        with writer, bar, logging_redirect_tqdm():  # warnings print above the bar, not through it
             last = None
             for frame in self.source:
                 if frame.path != last:  # only when the file changes: set_description redraws the bar
@@ -222,7 +223,8 @@ def run(**kwargs: object) -> Detector:
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run a MobileYOLO detector on images, videos, webcams or streams.")
     p.add_argument("--weights", default=None, help=".pt, .torchscript or .onnx (default: newest runs/train best.pt)")
-    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="image, folder, glob, .txt list, video, webcam index, URL")
+    p.add_argument("--source", default=str(DEFAULT_SOURCE),
+                   help="image, folder, glob, .txt list, video, webcam index or stream URL")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[320], help="inference size h [w]")
     p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold (obj * class prob)")
     p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")

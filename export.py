@@ -118,6 +118,9 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
         raise ExportError(f"--include {' '.join(bad) or '(nothing)'}: choose from {', '.join(FORMATS)}")
     if batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    if opset < 14:
+        LOGGER.warning(f"--opset {opset}: HardSwish needs opset >= 14; h-swish will be decomposed into "
+                       f"HardSigmoid + Mul")
     wrapper, ckpt = _load_model(weights)
     strides = [float(s) for s in wrapper.model.detect.stride.tolist()]
     hw = (int(imgsz[0]), int(imgsz[-1])) if isinstance(imgsz, (list, tuple)) else (int(imgsz), int(imgsz))
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[320],
                         help="input size: one value (square) or h w")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
-    parser.add_argument("--dynamic", action="store_true", help="symbolic batch/height/width axes (ONNX)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="ONNX: symbolic batch/height/width axes (TorchScript exports are always shape-generic)")
     parser.add_argument("--simplify", action="store_true", help="run onnxsim on the ONNX graph if installed")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     parser.add_argument("--check-image", default=None, help="image for the PyTorch parity check")

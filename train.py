@@ -195,8 +195,10 @@ def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
         print("\n" + epoch_header())
         pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
     mloss = torch.zeros(3)
-    for i, (imgs, targets, _paths, _shapes) in pbar:
+    for i, (imgs, targets, paths, _shapes) in pbar:
         ni = i + nb * epoch  # iterations since the start of training
+        if r.info.is_main and ni < 3 and not r.cfg.noplots:
+            _plot_batch(r, ni, imgs, targets, paths)
         apply_warmup(r.optimizer, ni, r.nw, r.lf(epoch), r.hyp)
         imgs = imgs.to(r.device, non_blocking=True).float() / 255
         with torch.autocast(device_type=r.device.type, enabled=r.amp):
@@ -307,12 +309,17 @@ def _start_outputs(r: Run) -> None:
 
 
 def _plot_labels(r: Run) -> None:
-    """labels.jpg from the data part's plots module, when it is available."""
-    try:
-        from utils.data.plots import plot_labels
-    except ImportError:
-        return
+    """labels.jpg: class counts, box centres and sizes of the training labels."""
+    from utils.data.plots import plot_labels
+
     plot_labels(r.train_ds.labels, r.names, r.save_dir)
+
+
+def _plot_batch(r: Run, ni: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str]) -> None:
+    """train_batch{ni}.jpg for the first 3 batches of a fresh run: what the augmentation feeds the model."""
+    from utils.data.plots import plot_train_batch
+
+    plot_train_batch(imgs, targets, paths, r.save_dir / f"train_batch{ni}.jpg", names=r.names)
 
 
 def run(opt: TrainConfig | None = None, callbacks: Callbacks | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -37,7 +37,10 @@ def register(*names: str) -> Callable[[T], T]:
 
     def deco(cls: T) -> T:
         for name in names:
-            if name in REGISTRY and REGISTRY[name] is not cls:
+            old = REGISTRY.get(name)
+            # the same class defined again (module reload) replaces itself; anything else is a clash
+            same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+            if old is not None and old is not cls and not same:
                 raise ValueError(f"module name {name!r} is already registered to "
                                  f"{REGISTRY[name].__module__}.{REGISTRY[name].__qualname__}")
         for name in names:

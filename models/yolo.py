@@ -62,8 +62,6 @@ class Model(nn.Module):
         self.layers, self.save, self.channels = parse_model(self.yaml, ch, self.source)
         nc_model = self.yaml.get("nc")
         self.names: list[str] = [str(i) for i in range(int(nc_model))] if isinstance(nc_model, int) else []
-        last = self.layers[-1]
-        self.detect: Detect | None = last if isinstance(last, Detect) else None
         self.register_buffer("stride", self._probe_strides(ch), persistent=False)
         if self.detect is not None:
             self.detect.stride.copy_(self.stride)
@@ -127,6 +125,13 @@ class Model(nn.Module):
             if isinstance(m, ConvBNAct):
                 m.fuse()
         return self
+
+    @property
+    def detect(self) -> Detect | None:
+        """The Detect head (last row), or None for classifiers. A property, so that the head is not
+        registered twice (which would duplicate its tensors in state_dict)."""
+        last = self.layers[-1]
+        return last if isinstance(last, Detect) else None
 
     @property
     def is_classifier(self) -> bool:

@@ -23,7 +23,7 @@ TINY = {
 }
 
 
-def make_checkpoint(path: Path, cfg: str | Path | dict = None, nc: int = 2, imgsz: int = 64,
+def make_checkpoint(path: Path, cfg: str | Path | dict | None = None, nc: int = 2, imgsz: int = 64,
                     names: list[str] | None = None, obj_logit: float | None = None, seed: int = 0) -> Path:
     """Build `Model(cfg, nc)` with random weights and save it as a MobileYOLO checkpoint at `path`.
 
@@ -67,7 +67,8 @@ def make_video(path: Path, n: int = 12, size: tuple[int, int] = (96, 64), fps: f
     return path
 
 
-def make_images(folder: Path, n: int = 3, size: tuple[int, int] = (80, 60), ext: str = ".png", seed: int = 0) -> list[Path]:
+def make_images(folder: Path, n: int = 3, size: tuple[int, int] = (80, 60), ext: str = ".png",
+                seed: int = 0) -> list[Path]:
     """Write `n` noise images with a square each, of `size` (w, h), into `folder` (created)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

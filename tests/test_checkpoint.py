@@ -79,3 +79,22 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": _Evil(), "yaml": {}, "names": []}, bad)
     with pytest.raises(CheckpointError, match="refused unsafe content|unreadable"):
         load_checkpoint(bad)
+
+
+def test_model_from_checkpoint_and_wrong_model(tmp_path):
+    from models.yolo import Model
+    from tests.train_helpers import tiny_yaml
+    from utils.checkpoint import model_from_checkpoint
+
+    m = Model(tiny_yaml())
+    ck = {"model": m.state_dict(), "ema": None, "yaml": m.yaml, "names": ["x", "y"], "stride": m.stride}
+    p = save_checkpoint(ck, tmp_path / "ok.pt")
+    back = model_from_checkpoint(p)
+    assert back.names == ["x", "y"] and not back.training
+    x = torch.rand(1, 3, 64, 64)
+    m.eval()
+    assert all(torch.equal(a, b) for a, b in zip(m(x), back(x)))
+    other = tiny_yaml(nc=5)  # same layout, other class count: the head's shapes differ
+    bad = save_checkpoint({**ck, "yaml": other}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt.*do not fit"):
+        model_from_checkpoint(bad)

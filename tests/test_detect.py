@@ -136,6 +136,29 @@ def test_sources_parse_streams_and_webcams():
     assert stream_name("rtsp://cam.local:554/live") == "rtsp_cam_local_554_live"
 
 
+def test_stream_url_is_read_frame_by_frame(weights, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    make_video(tmp_path / "cam.mp4", n=6, size=(64, 64), fps=5.0)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cam.mp4"
+        det = detect.run(weights=weights, source=url, project=tmp_path / "r", save_txt=True, **COMMON)
+    finally:
+        server.shutdown()
+        server.server_close()
+    stem = stream_name(url)
+    assert det.speed.n == 6 and (det.save_dir / f"{stem}.mp4").is_file()
+    assert sorted(p.name for p in (det.save_dir / "labels").iterdir()) == sorted(f"{stem}_{i}.txt" for i in range(6))
+    with pytest.raises(SourceError, match="could not open video/stream"):
+        LoadSource("rtsp://127.0.0.1:9/nothing")
+
+
 def test_bad_inputs_give_one_clear_error_each(weights, tmp_path):
     project = tmp_path / "runs"
     (tmp_path / "empty").mkdir()
@@ -185,6 +208,23 @@ def test_view_img_on_headless_machine_warns_once(weights, tmp_path, caplog, monk
     with caplog.at_level(logging.WARNING):
         detect.run(weights=weights, source=tmp_path / "imgs", view_img=True, project=tmp_path / "r", **COMMON)
     assert caplog.text.count("--view-img") == 1
+
+
+def test_view_img_when_opencv_cannot_open_windows_warns_once(weights, tmp_path, caplog, monkeypatch):
+    import utils.detect_outputs as outputs
+
+    calls = []
+
+    def no_gui(*args):
+        calls.append(args)
+        raise cv2.error("The function is not implemented (headless build)")
+
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(outputs.cv2, "imshow", no_gui)
+    make_images(tmp_path / "imgs", n=3)
+    with caplog.at_level(logging.WARNING):
+        det = detect.run(weights=weights, source=tmp_path / "imgs", view_img=True, project=tmp_path / "r", **COMMON)
+    assert len(calls) == 1 and caplog.text.count("cannot open windows") == 1 and det.speed.n == 3
 
 
 def test_memory_stays_flat_over_500_video_frames(weights, tmp_path):

@@ -86,3 +86,19 @@ def test_de_parallel_unwraps_dataparallel():
     m = _net()
     assert de_parallel(nn.DataParallel(m)) is m
     assert de_parallel(m) is m
+
+
+def test_ema_moves_aliased_modules_once():
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Conv2d(3, 2, 1)])
+            self.head = self.layers[0]  # same module under a second name, as Model.detect is
+
+    m = Aliased()
+    ema = ModelEMA(m, decay=0.5, tau=1e-9)
+    w0 = m.head.weight.detach().clone()
+    with torch.no_grad():
+        m.head.weight.add_(2.0)
+    ema.update(m)
+    assert torch.allclose(ema.ema.head.weight, w0 + 1.0)  # one step of d = 0.5, not two

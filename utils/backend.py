@@ -206,16 +206,22 @@ class DetectBackend:
         if h % self.stride or w % self.stride:
             raise BackendError(f"{self.file.name}: input {h}x{w} is not a multiple of the stride {self.stride}")
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Float `[B, 3, H, W]` in 0..1 -> decoded `[B, N, 5 + nc]` float32 (pixels; probabilities)."""
+        """Float `[B, 3, H, W]` in 0..1 -> decoded `[B, N, 5 + nc]` float32 (pixels; probabilities).
+
+        The result is an ordinary tensor (not an inference-mode one), so callers may edit it in place.
+        """
         self.check_input(x)
         x = x.float()
-        if self.fmt == "pt":
-            return self.model(x.contiguous(memory_format=torch.channels_last))
-        if self.fmt == "torchscript":
-            return self.model(x)
-        return self._run_onnx(x)
+        if self.fmt == "onnx":
+            return self._run_onnx(x)
+        with torch.inference_mode():
+            if self.fmt == "pt":
+                x = x.to(next(self.model.parameters()).device)  # val.py may move the model to a GPU
+                y = self.model(x.contiguous(memory_format=torch.channels_last))
+            else:
+                y = self.model(x)
+        return y.clone()  # outside inference mode: a normal tensor; costs N * (5 + nc) floats
 
     def _run_onnx(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)

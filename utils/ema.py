@@ -42,7 +42,11 @@ class ModelEMA:
         self.updates += 1
         d = self.current_decay()
         src = de_parallel(model).state_dict()
+        seen: set[int] = set()
         for name, v in self.ema.state_dict().items():
+            if v.data_ptr() in seen:  # a module registered under two names (aliases) must move once
+                continue
+            seen.add(v.data_ptr())
             if name not in src:
                 raise KeyError(f"ModelEMA.update: model has no entry {name!r}; EMA and model differ")
             if v.dtype.is_floating_point:

@@ -162,10 +162,8 @@ class LoadSource:
     def _expected(self, item: str, kind: str) -> int:
         if kind == "image":
             return 1
-        if kind == "stream":
-            return 0
         cap = _open_capture(item)  # fail early, before any output is written
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        n = 0 if kind == "stream" else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         cap.release()
         return math.ceil(max(n, 0) / self.vid_stride)
 

@@ -115,7 +115,10 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
             from models.pretrained import load_torchvision_backbone
 
             res = load_torchvision_backbone(model, cfg.backbone_weights)
-            print(f"Backbone weights from {cfg.backbone_weights}: {res}")
+            print(f"--backbone-weights {cfg.backbone_weights}: {res}")
+            if not res.loaded:
+                raise ValueError(f"--backbone-weights {cfg.backbone_weights}: no tensor fits {cfg.cfg} "
+                                 f"(is it a MobileNetV3 model of the same size?)")
     model.names = list(names)
     if model.detect is not None and model.detect.nc != nc:
         raise ValueError(f"model has {model.detect.nc} classes but the dataset {cfg.data} has {nc}")

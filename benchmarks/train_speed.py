@@ -1,0 +1,133 @@
+"""Training throughput on the CPU: images/s of forward + loss + backward + optimizer step, and peak memory.
+
+    python benchmarks/train_speed.py                      # every detector YAML in models/, 320 px, batch 16
+    python benchmarks/train_speed.py --cfg models/mobilenetv3-small-yolo.yaml --steps 10 --threads 2
+
+Each model runs in its own subprocess so that its peak resident memory (RSS, ru_maxrss; psutil when
+installed) is its own. Inputs are random images with random boxes: data loading is not measured.
+Classifier YAMLs (no Detect row) are skipped. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_detector_yaml(path: Path) -> bool:
+    """True when the model YAML's last head row is a Detect head (classifiers end in Classify)."""
+    import yaml
+
+    d = yaml.safe_load(path.read_text())
+    rows = (d.get("head") or []) if isinstance(d, dict) else []
+    return bool(rows) and str(rows[-1][2]) == "Detect"
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    ru_maxrss is the kernel's own high-water mark (KiB on Linux, bytes on macOS); psutil only reports
+    the current RSS off Windows, so it is the fallback where `resource` does not exist.
+    """
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 1024
+
+
+def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2, threads: int = 0,
+            nc: int = 3) -> dict:
+    """Train `steps` timed steps (after `warmup`) of `cfg` on random data; return figures as a dict.
+
+    Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`.
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from models.yolo import Model
+    from utils.data import load_hyp
+    from utils.loss import ComputeLoss
+    from utils.optim import build_optimizer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Model(cfg, nc=nc).train()
+    hyp = load_hyp()
+    loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, hyp, imgsz=imgsz)
+    opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    imgs = torch.rand(batch, 3, imgsz, imgsz)
+    n = 4 * batch  # four boxes per image
+    g = torch.Generator().manual_seed(0)
+    wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    xy = torch.rand(n, 2, generator=g) * (1 - wh) + wh / 2
+    targets = torch.cat([torch.arange(batch).repeat_interleave(4)[:, None].float(),
+                         torch.randint(0, nc, (n, 1), generator=g).float(), xy, wh], 1)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(model(imgs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]  # median: robust to a noisy, shared machine
+    return {"cfg": Path(cfg).name, "params": sum(p.numel() for p in model.parameters()) / 1e6,
+            "img_s": batch / step, "step_ms": step * 1e3, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2,
+        threads: int = 0) -> list[dict]:
+    """Measure each YAML in a fresh subprocess and print the markdown table; return the rows."""
+    if not cfgs:
+        cfgs = [str(p) for p in sorted((ROOT / "models").glob("*.yaml")) if is_detector_yaml(p)]
+    rows = []
+    for cfg in cfgs:
+        cmd = [sys.executable, __file__, "--one", cfg, "--imgsz", str(imgsz), "--batch", str(batch),
+               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{cfg}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"done {Path(cfg).name}", file=sys.stderr)
+    import torch
+
+    print(f"\nTraining speed, CPU, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
+          f"median of {steps} steps (forward + loss + backward + SGD step; no data loading):\n")
+    print("| model | params (M) | train img/s | step (ms) | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['cfg']} | {r['params']:.2f} | {r['img_s']:.1f} | {r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", nargs="*", default=None, help="model YAMLs (default: every detector in models/)")
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one YAML, print JSON
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(a.one, a.imgsz, a.batch, a.steps, a.warmup, a.threads)))
+        return
+    run(a.cfg, a.imgsz, a.batch, a.steps, a.warmup, a.threads)
+
+
+if __name__ == "__main__":
+    main()

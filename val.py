@@ -208,9 +208,11 @@ def run(data: str | Path, weights: str | Path, imgsz: int = 320, batch_size: int
         iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "cpu", workers: int = 2,
         single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
         save_conf: bool = False, save_json: bool = False, project: str | Path = ROOT / "runs/val", name: str = "exp",
-        exist_ok: bool = False, half: bool = False, plots: bool = True) -> Metrics:
+        exist_ok: bool = False, half: bool = False, plots: bool = True, rect: bool | None = None) -> Metrics:
     """Validate `weights` on split `task` ('val' or 'test') of the data YAML; returns the Metrics.
 
+    `rect`: rectangular batches sorted by aspect ratio (None: whenever the weights take any input shape;
+    a fixed-size ONNX export always gets square letterboxed images, so compare it with `rect=False`).
     Results (plots, labels/, JSON) go to `project/name` (incremented: exp, exp2, ...).
     """
     from utils.data import check_dataset, create_dataloader
@@ -229,7 +231,8 @@ def run(data: str | Path, weights: str | Path, imgsz: int = 320, batch_size: int
     if not single_cls and model.nc != cfg.nc:
         raise ValueError(f"{weights}: model has {model.nc} classes but {cfg.yaml_file} has {cfg.nc}; "
                          f"use matching data or --single-cls")
-    rect = model.dynamic
+    if rect is None or not model.dynamic:
+        rect = model.dynamic
     if not model.dynamic and model.imgsz[0] != imgsz:
         print(f"WARNING: {Path(weights).name} is a fixed {model.imgsz[0]}x{model.imgsz[1]} export; "
               f"--imgsz {imgsz} ignored")
@@ -268,12 +271,15 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
     p.add_argument("--noplots", action="store_true", help="do not write plots")
+    p.add_argument("--square", action="store_true",
+                   help="square letterboxed batches instead of rectangular ones (what a fixed-size export sees)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Metrics:
     opt = vars(parse_opt(argv))
     opt["plots"] = not opt.pop("noplots")
+    opt["rect"] = False if opt.pop("square") else None
     return run(**opt)
 
 

@@ -2,7 +2,8 @@
 
 PyTorch path: fused, eval, channels_last, inference_mode. ONNX path: torch.onnx.export (dynamo=False,
 opset 17) of the fused model, onnxruntime with `intra_op_num_threads=threads`. Prints ms and the
-ratio to the first config. Ratios are only meaningful inside one run (shared, noisy CPUs).
+ratio to the first config. Models are timed round-robin (one call each per round), so load changes on
+a shared CPU hit all of them alike; still, ratios are only meaningful inside one run.
 Usage: python benchmarks/latency_probe.py --cfg models/yolov5n.yaml models/mobilenetv3-small-yolo.yaml
 """
 from __future__ import annotations

@@ -187,8 +187,12 @@ def test_val_gives_the_same_map_on_exports(tmp_path, capsys):
     for name, w in (("pt", pt), ("onnx", dyn["onnx"]), ("torchscript", dyn["torchscript"]), ("onnx-static", static)):
         m = val.run(data, w, imgsz=64, batch_size=8, workers=0, project=tmp_path / "runs", plots=False)
         maps[name] = (m.map50, m.map)
+    m = val.run(data, pt, imgsz=64, batch_size=8, workers=0, project=tmp_path / "runs", plots=False, rect=False)
+    maps["pt-square"] = (m.map50, m.map)
     capsys.readouterr()
     assert maps["pt"][0] > 0.3, f"the quick model should detect something: {maps}"
     for name in ("onnx", "torchscript"):  # same (rectangular) batches as .pt: mAP must agree
         assert abs(maps[name][0] - maps["pt"][0]) <= 1e-3 and abs(maps[name][1] - maps["pt"][1]) <= 1e-3, maps
+    # a fixed-size export sees square letterboxed images: compare with .pt on the same (square) batches
+    assert all(abs(a - b) <= 1e-3 for a, b in zip(maps["onnx-static"], maps["pt-square"])), maps
     print(f"val mAP50/mAP per format: {maps}")

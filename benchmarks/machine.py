@@ -1,0 +1,75 @@
+"""The machine a benchmark ran on: CPU model, cores, library versions, load average, allocator settings.
+
+Figures from benchmarks/run.py are only comparable with this description next to them.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (affinity/cgroup mask where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """1, 5 and 15 minute load averages (runnable processes), or None where the OS has none."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return None
+
+
+def describe() -> dict[str, str]:
+    """Machine facts as display strings. Keys: cpu, cores, os, python, torch, torch_threads,
+    onnxruntime, opencv, numpy, load, malloc."""
+    import cv2
+    import numpy as np
+    import torch
+
+    try:
+        import onnxruntime as ort
+
+        ort_version = ort.__version__
+    except ImportError:
+        ort_version = "not installed"
+    from utils.backend import physical_cores
+
+    load = load_average()
+    malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"
+    return {
+        "cpu": cpu_model(),
+        "cores": f"{usable_cores()} usable ({physical_cores()} physical)",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+        "onnxruntime": ort_version,
+        "opencv": cv2.__version__,
+        "numpy": np.__version__,
+        "load": "n/a" if load is None else " / ".join(f"{v:.2f}" for v in load) + " (1 / 5 / 15 min)",
+        "malloc": malloc,
+    }
+
+
+def markdown(info: dict[str, str]) -> str:
+    """`describe()` as a markdown bullet list."""
+    return "\n".join(f"- {k}: {v}" for k, v in info.items())

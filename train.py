@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.devices import device_memory_str, select_device
 from utils.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
-                        main_process_first, seed_everything)
+                        seed_everything)
 from utils.ema import ModelEMA, de_parallel
 from utils.optim import accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
     scaled_weight_decay, warmup_iters
@@ -90,41 +90,12 @@ def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
     return save_dir
 
 
-def _build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: DistInfo) -> tuple[Any, Any, Any]:
-    """(train_loader, train_dataset, val_loader or None); the batch is split across ranks."""
-    from utils.data import create_dataloader
-
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
-    bs = cfg.batch_size // info.world_size
-    with main_process_first(info):  # rank 0 writes the label cache, the others then read it
-        train_loader, train_ds = create_dataloader(
-            data.train, cfg.imgsz, bs, gs, hyp=hyp, augment=True, cache=cfg.cache, rect=cfg.rect,
-            workers=cfg.workers, shuffle=True, seed=cfg.seed, nc=data.nc, prefix="train: ",
-            rank=info.rank, world_size=info.world_size)
-    val_loader = None
-    if info.is_main:
-        val_loader, _ = create_dataloader(
-            data.val, cfg.imgsz, bs * 2, gs, hyp=hyp, augment=False, cache=cfg.cache, rect=True,
-            workers=cfg.workers, shuffle=False, seed=cfg.seed, nc=data.nc, prefix="val: ", pad=0.5)
-    if cfg.single_cls:
-        _single_class(train_ds)
-    return train_loader, train_ds, val_loader
-
-
-def _single_class(dataset: Any) -> None:
-    """--single-cls for training: every label becomes class 0 (the dataset reads `labels` on each item);
-    `val.evaluate(single_cls=True)` does the same for validation."""
-    for lb in dataset.labels:
-        lb[:, 0] = 0
-
-
 def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
     """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
     from utils.autoanchor import autoanchor
     from utils.data import check_dataset
     from utils.loss import ComputeLoss
-    from utils.train_setup import build_model, prepare_hyp, repo_path, resolve_resume
+    from utils.train_setup import build_loaders, build_model, prepare_hyp, repo_path, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg)
     save_dir = _make_save_dir(cfg, info)
@@ -136,7 +107,7 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     gs = max(int(model.stride.max()), 32)
     if cfg.imgsz % gs:
         raise ValueError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
-    train_loader, train_ds, val_loader = _build_loaders(cfg, data, hyp, gs, info)
+    train_loader, train_ds, val_loader = build_loaders(cfg, data, hyp, gs, info)
     if info.is_main and ckpt is None and not cfg.noautoanchor:
         det = model.detect
         new, _ = autoanchor(train_ds, det.anchors, det.stride, cfg.imgsz, thr=hyp["anchor_t"], seed=cfg.seed)

@@ -215,6 +215,7 @@ class Concat(Block):
 
     yaml_args = (0, 1)
     depth_rule = "none"
+    takes_list = True
 
     def __init__(self, dim: int = 1) -> None:
         super().__init__()

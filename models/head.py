@@ -67,6 +67,7 @@ class Detect(Block):
 
     yaml_args = (2, 2)
     depth_rule = "none"
+    takes_list = True
 
     def __init__(self, nc: int, anchors: torch.Tensor, ch: list[int]) -> None:
         super().__init__()

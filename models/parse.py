@@ -112,6 +112,10 @@ def parse_model(cfg: dict[str, Any], ch: int = 3, source: str = "<dict>"
             args = [resolve_arg(a, cfg) for a in (args if isinstance(args, list) else [args])]
             cls = lookup(name)
             f_norm, sources = _from_indices(f, i)
+            if getattr(cls, "takes_list", False):  # Concat, Detect: always called with a list
+                f_norm = f_norm if isinstance(f_norm, list) else [f_norm]
+            elif isinstance(f_norm, list) and len(f_norm) == 1:  # `[-1]` means the same as `-1`
+                f_norm = f_norm[0]
             c_in = [ch if j < 0 else chs[j] for j in sources]
             n_arg, copies = _scaled_depth(cls, n, gd)
             m, c_out = _build_row(cls, c_in, args, gw, n_arg, copies)

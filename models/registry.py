@@ -8,6 +8,7 @@ classmethod, how a YAML row turns into constructor arguments:
 - `depth_rule`: what the row's `number` means under `depth_multiple`:
   `"repeat"` (stack `n` copies in sequence), `"arg"` (pass `n` to the constructor, e.g. C3),
   `"none"` (`n` must be 1).
+- `takes_list`: forward receives a list of tensors (Concat, Detect) rather than one tensor.
 - `channels(c_in, args, width) -> (ctor_args, c_out)`: `c_in` lists the channels of the row's
   inputs (one per `from` entry), `args` the YAML args with names already resolved, `width` the
   model's `width_multiple`. Returns the positional arguments for `__init__` and the output channels.
@@ -88,6 +89,7 @@ class Block(nn.Module):
 
     yaml_args: ClassVar[tuple[int, int]] = (0, 99)
     depth_rule: ClassVar[str] = "repeat"
+    takes_list: ClassVar[bool] = False  # forward(list of tensors), even for a single `from`
 
     @classmethod
     def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:

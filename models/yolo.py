@@ -58,7 +58,7 @@ class Model(nn.Module):
         self.yaml, self.source = load_cfg(cfg)
         if nc is not None:
             self.yaml["nc"] = int(nc)
-        self.yaml.setdefault("ch", ch)
+        ch = int(self.yaml.setdefault("ch", ch))  # a stored cfg (checkpoint) keeps its input channels
         self.layers, self.save, self.channels = parse_model(self.yaml, ch, self.source)
         nc_model = self.yaml.get("nc")
         self.names: list[str] = [str(i) for i in range(int(nc_model))] if isinstance(nc_model, int) else []

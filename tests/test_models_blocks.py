@@ -122,3 +122,16 @@ def test_shuffle_units_mix_channels() -> None:
     from models.shufflenetv2 import channel_shuffle
     x = torch.arange(4.0).view(1, 4, 1, 1)
     assert channel_shuffle(x, 2).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+
+
+def test_single_entry_from_lists() -> None:
+    """`[-1]` behaves like `-1` for one-input blocks; Detect still gets a list with one level."""
+    from models.yolo import Model
+    cfg = {"nc": 1, "anchors": [[16, 16, 32, 32]], "backbone": [
+        [-1, 1, "Conv", [8, 3, 2]], [[-1], 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]],
+        [[-1], 1, "Detect", ["nc", "anchors"]]]}
+    m = Model(cfg)
+    assert m.layers[1].f == -1 and m.layers[3].f == [-1]
+    assert m.stride.tolist() == [8.0] and m.detect.anchors.shape == (1, 2, 2)
+    out = m(torch.rand(1, 3, 32, 32))
+    assert len(out) == 1 and out[0].shape == (1, 2, 4, 4, 6)

@@ -221,3 +221,25 @@ def test_backbone_weights_from_torchvision_state_dict(tmp_path, capsys):
     with pytest.raises(ValueError, match="no tensor fits"):
         build_model(TrainConfig(cfg="models/mobilenetv3-small-yolo.yaml", backbone_weights=str(bad)), 3,
                     ["a", "b", "c"], None, torch.device("cpu"))
+
+
+def test_many_flags_together(files):
+    """--single-cls --rect --cos-lr --optimizer AdamW --cache ram --save-period 1 --noautoanchor
+    --label-smoothing in one short run."""
+    from utils.optim import lr_lambda
+
+    tmp, data, cfg = files
+    out = train.run(data=data, cfg=cfg, imgsz=64, batch_size=4, epochs=2, workers=0, noplots=True,
+                    single_cls=True, rect=True, cos_lr=True, optimizer="AdamW", cache="ram", save_period=1,
+                    noautoanchor=True, label_smoothing=0.1, project=str(tmp / "runs_flags"),
+                    hyp_overrides=FAST_HYP | {"lr0": 0.001})
+    d = out["save_dir"]
+    ck = load_checkpoint(out["last"])
+    assert ck["names"] == ["item"] and ck["yaml"]["nc"] == 1
+    assert ck["anchors"].tolist() == torch.tensor(tiny_yaml()["anchors"], dtype=torch.float32).view(2, 3, 2).tolist()
+    assert (d / "weights" / "epoch1.pt").is_file() and (d / "weights" / "epoch2.pt").is_file()
+    assert yaml.safe_load((d / "hyp.yaml").read_text())["label_smoothing"] == 0.1
+    lrs = [r["x/lr1"] for r in read_results(d / "results.csv")]
+    lf = lr_lambda(2, FAST_HYP.get("lrf", 0.01), cos=True)
+    assert lrs == pytest.approx([0.001 * lf(0), 0.001 * lf(1)], rel=1e-3)
+    assert out["metrics"] is not None and len(out["metrics"].ap_class) <= 1  # one class in validation

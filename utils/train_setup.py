@@ -74,6 +74,36 @@ def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
     return hyp
 
 
+def build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: Any) -> tuple[Any, Any, Any]:
+    """(train_loader, train_dataset, val_loader or None); the batch is split across ranks."""
+    from utils.data import create_dataloader
+    from utils.dist import main_process_first
+
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
+    bs = cfg.batch_size // info.world_size
+    with main_process_first(info):  # rank 0 writes the label cache, the others then read it
+        train_loader, train_ds = create_dataloader(
+            data.train, cfg.imgsz, bs, gs, hyp=hyp, augment=True, cache=cfg.cache, rect=cfg.rect,
+            workers=cfg.workers, shuffle=True, seed=cfg.seed, nc=data.nc, prefix="train: ",
+            rank=info.rank, world_size=info.world_size)
+    val_loader = None
+    if info.is_main:
+        val_loader, _ = create_dataloader(
+            data.val, cfg.imgsz, bs * 2, gs, hyp=hyp, augment=False, cache=cfg.cache, rect=True,
+            workers=cfg.workers, shuffle=False, seed=cfg.seed, nc=data.nc, prefix="val: ", pad=0.5)
+    if cfg.single_cls:
+        single_class(train_ds)
+    return train_loader, train_ds, val_loader
+
+
+def single_class(dataset: Any) -> None:
+    """--single-cls for training: every label becomes class 0 (the dataset reads `labels` on each item);
+    `val.evaluate(single_cls=True)` does the same for validation."""
+    for lb in dataset.labels:
+        lb[:, 0] = 0
+
+
 def transfer_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
     """Load tensors of one of our checkpoints whose names and shapes match `model`; return (moved, total).
 

@@ -1,0 +1,106 @@
+"""Batch-1 CPU latency of detector YAMLs through `DetectBackend`, the object detect.py and val.py call.
+
+For each YAML a randomly initialised model is saved as a checkpoint (`.pt`) and exported with export.py
+to a static ONNX file at each size. PyTorch runs the `.pt` as detect.py does (fused, eval,
+channels_last, inference_mode, decode included); ONNX Runtime runs the `.onnx` (ORT_ENABLE_ALL, decode
+inside the graph). Every (model, format) pair is timed round-robin, one call each per round, so a change
+of machine load hits all of them alike and their ratios stay meaningful on a shared machine.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+FORMATS = ("pt", "onnx")
+
+
+@dataclass
+class Prepared:
+    """One YAML ready to time: its checkpoint, ONNX files per size and size figures."""
+
+    cfg: Path
+    pt: Path
+    onnx: dict[int, Path] = field(default_factory=dict)
+    params: int = 0
+    gflops: dict[int, float] = field(default_factory=dict)
+
+
+def checkpoint_for(cfg: str | Path, folder: Path, nc: int | None = None, imgsz: int = 320) -> tuple[Path, torch.nn.Module]:
+    """Build `cfg` with random weights (seed 0), save it as `<folder>/<stem>.pt`; return (path, model)."""
+    from models.yolo import Model
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = Model(cfg, nc=nc)
+    names = m.names or [str(i) for i in range(m.detect.nc)]
+    pt = folder / f"{Path(cfg).stem}.pt"
+    save_checkpoint({"model": m.state_dict(), "ema": None, "yaml": m.yaml, "names": names,
+                     "anchors": m.detect.anchors, "stride": m.stride, "hyp": {}, "args": {"imgsz": imgsz},
+                     "epoch": -1, "optimizer": None, "best_fitness": 0.0}, pt)
+    return pt, m
+
+
+def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | None = None,
+            threads: int = 2, onnx: bool = True) -> list[Prepared]:
+    """Checkpoints, params, GFLOPs (fused model, batch 1) and static ONNX exports for every size."""
+    import export
+    from models.summary import count_params, gflops
+
+    out = []
+    logging.getLogger("mobileyolo.export").setLevel(logging.WARNING)  # export.py logs a line per file
+    for cfg in tqdm(cfgs, desc="build + export", leave=False):
+        pt, m = checkpoint_for(cfg, folder, nc, sizes[0])
+        m.fuse().eval()
+        p = Prepared(Path(cfg), pt, params=count_params(m))
+        for s in sizes:
+            p.gflops[s] = gflops(m, s)
+            if onnx:
+                sub = folder / str(s)
+                sub.mkdir(exist_ok=True)
+                p.onnx[s] = export.run(pt, ("onnx",), imgsz=s, outdir=sub, threads=threads)["onnx"]
+        out.append(p)
+    return out
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
+                        desc: str = "timing") -> dict[str, float]:
+    """Median milliseconds per callable; each round calls every callable once, in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in tqdm(range(runs), desc=desc, leave=False):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
+             warmup: int = 5) -> dict[tuple[str, str, int], float]:
+    """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported)."""
+    from utils.backend import DetectBackend
+
+    torch.set_num_threads(threads)
+    result: dict[tuple[str, str, int], float] = {}
+    for s in sizes:
+        x = torch.rand(1, 3, s, s)
+        fns: dict[str, Callable[[], object]] = {}
+        for p in prepared:
+            files = {"pt": p.pt, "onnx": p.onnx.get(s)}
+            for fmt, f in files.items():
+                if f is not None:
+                    b = DetectBackend(f, threads=threads)
+                    fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
+        for k, ms in interleaved_medians(fns, runs, warmup, desc=f"latency {s}").items():
+            stem, fmt = k.split("|")
+            result[(stem, fmt, s)] = ms
+    return result

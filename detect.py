@@ -92,6 +92,18 @@ class Speed:
         return self.pre * k, self.inf * k, self.nms * k
 
 
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """Letterboxed BGR uint8 `[H, W, 3]` -> float32 RGB `[1, 3, H, W]` in 0..1, channels_last in memory.
+
+    One numpy pass does the BGR->RGB flip, the float conversion and the scaling; the HWC result is
+    then viewed as NCHW (a permute, no copy), i.e. already in the channels_last layout the PyTorch
+    backend runs in. numpy rather than torch: torch would run this in its OpenMP pool, whose spinning
+    threads cost 10-30x more than the work on a CPU shared with other processes (benchmarks/run.py).
+    """
+    rgb = np.divide(img[..., ::-1], np.float32(255), dtype=np.float32)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+
 def newest_best(runs: Path | None = None) -> Path:
     """The most recently written `<runs>/*/weights/best.pt` (default `runs/train`); `DetectError` if none."""
     runs = Path(runs) if runs is not None else TRAIN_RUNS
@@ -148,23 +160,33 @@ class Detector:
         self.speed = Speed()
         self.detections = 0
 
+    def letterbox(self, img: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """BGR uint8 [h, w, 3] -> (letterboxed BGR uint8 [H, W, 3], ((rh, rw), (padw, padh)))."""
+        lb, ratio, pad = letterbox(img, self.imgsz, auto=self.backend.dynamic, stride=self.backend.stride)
+        return lb, (ratio, pad)
+
     def preprocess(self, img: np.ndarray) -> tuple[torch.Tensor, tuple]:
         """BGR uint8 [h, w, 3] -> (float RGB [1, 3, H, W] 0..1, ((rh, rw), (padw, padh)))."""
-        lb, ratio, pad = letterbox(img, self.imgsz, auto=self.backend.dynamic, stride=self.backend.stride)
-        x = torch.from_numpy(np.ascontiguousarray(lb[..., ::-1].transpose(2, 0, 1))).float().div_(255)
-        return x[None], (ratio, pad)
+        lb, ratio_pad = self.letterbox(img)
+        return to_tensor(lb), ratio_pad
+
+    def postprocess(self, pred: torch.Tensor, in_shape: tuple[int, int], img_shape: tuple[int, ...],
+                    ratio_pad: tuple) -> np.ndarray:
+        """Decoded `[1, N, 5+nc]` -> NMS'd detections `[n, 6]` float32 in the original image's pixels."""
+        o = self.opts
+        det = non_max_suppression(pred, o.conf_thres, o.iou_thres, classes=o.classes, agnostic=o.agnostic_nms,
+                                  max_det=o.max_det)[0]
+        det[:, :4] = scale_boxes(in_shape, det[:, :4], img_shape[:2], ratio_pad)
+        return det.cpu().numpy()
 
     def detect(self, img: np.ndarray) -> np.ndarray:
         """Detections `[n, 6]` (x1, y1, x2, y2 in `img` pixels, conf, cls) for one BGR image; timed."""
-        o, t0 = self.opts, time.perf_counter()
+        t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(img)
         t1 = time.perf_counter()
         pred = self.backend(x)
         t2 = time.perf_counter()
-        det = non_max_suppression(pred, o.conf_thres, o.iou_thres, classes=o.classes, agnostic=o.agnostic_nms,
-                                  max_det=o.max_det)[0]
-        det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], img.shape[:2], ratio_pad)
-        det = det.cpu().numpy()
+        det = self.postprocess(pred, x.shape[2:], img.shape, ratio_pad)
         t3 = time.perf_counter()
         s = self.speed
         s.pre, s.inf, s.nms, s.n, s.shape = s.pre + t1 - t0, s.inf + t2 - t1, s.nms + t3 - t2, s.n + 1, tuple(x.shape)

@@ -98,15 +98,18 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     from utils.train_setup import build_loaders, build_model, prepare_hyp, repo_path, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg)
-    save_dir = _make_save_dir(cfg, info)
     seed_everything(cfg.seed, info.rank)
     hyp = prepare_hyp(cfg, ckpt)
     data = check_dataset(repo_path(cfg.data))
+    cfg.data = str(data.yaml_file)  # absolute in args.yaml and checkpoints: --resume works from any folder
+    if ckpt is None and Path(repo_path(cfg.cfg)).is_file():
+        cfg.cfg = str(Path(repo_path(cfg.cfg)).resolve())
     nc, names = (1, ["item"]) if cfg.single_cls else (data.nc, list(data.names))
     model = build_model(cfg, nc, names, ckpt, device)
     gs = max(int(model.stride.max()), 32)
     if cfg.imgsz % gs:
         raise ValueError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
+    save_dir = _make_save_dir(cfg, info)  # only now: bad input must not leave an empty run folder
     train_loader, train_ds, val_loader = build_loaders(cfg, data, hyp, gs, info)
     if info.is_main and ckpt is None and not cfg.noautoanchor:
         det = model.detect
@@ -135,7 +138,8 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     det = de_parallel(model).detect
     loss_fn = ComputeLoss(det.anchors, det.stride, nc, hyp, imgsz=cfg.imgsz)
     nb = len(train_loader)
-    nw = min(warmup_iters(hyp.get("warmup_epochs", 0.0), nb), max(cfg.epochs * nb // 2, 1))
+    nw = warmup_iters(hyp.get("warmup_epochs", 0.0), nb, int(hyp.get("warmup_min_iters", 100)))
+    nw = min(nw, max(cfg.epochs * nb // 2, 1))  # never warm up for more than half of the run
     return Run(cfg=cfg, info=info, device=device, hyp=hyp, names=names, model=model, ema=ema,
                optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
                loss_fn=loss_fn, train_loader=train_loader, train_ds=train_ds, val_loader=val_loader,

@@ -49,7 +49,7 @@ def checkpoint_for(cfg: str | Path, folder: Path, nc: int | None = None, imgsz: 
 
 def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | None = None,
             threads: int = 2, onnx: bool = True) -> list[Prepared]:
-    """Checkpoints, params, GFLOPs (fused model, batch 1) and static ONNX exports for every size."""
+    """Checkpoints, params (unfused), GFLOPs (batch 1) and static ONNX exports for every size."""
     import export
     from models.summary import count_params, gflops
 
@@ -57,8 +57,8 @@ def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | No
     logging.getLogger("mobileyolo.export").setLevel(logging.WARNING)  # export.py logs a line per file
     for cfg in tqdm(cfgs, desc="build + export", leave=False):
         pt, m = checkpoint_for(cfg, folder, nc, sizes[0])
+        p = Prepared(Path(cfg), pt, params=count_params(m))  # before fusing: as `models/yolo.py --cfg` counts
         m.fuse().eval()
-        p = Prepared(Path(cfg), pt, params=count_params(m))
         for s in sizes:
             p.gflops[s] = gflops(m, s)
             if onnx:
@@ -85,7 +85,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
 
 
 def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
-             warmup: int = 5) -> dict[tuple[str, str, int], float]:
+             warmup: int = 5, malloc: bool = True) -> dict[tuple[str, str, int], float]:
     """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported)."""
     from utils.backend import DetectBackend
 
@@ -98,7 +98,7 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
             files = {"pt": p.pt, "onnx": p.onnx.get(s)}
             for fmt, f in files.items():
                 if f is not None:
-                    b = DetectBackend(f, threads=threads)
+                    b = DetectBackend(f, threads=threads, malloc=malloc)
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
         for k, ms in interleaved_medians(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")

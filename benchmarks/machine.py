@@ -40,7 +40,7 @@ def load_average() -> tuple[float, float, float] | None:
 
 def describe() -> dict[str, str]:
     """Machine facts as display strings. Keys: cpu, cores, os, python, torch, torch_threads,
-    onnxruntime, opencv, numpy, load, malloc."""
+    onnxruntime, opencv, numpy, load, malloc, OMP_WAIT_POLICY."""
     import cv2
     import numpy as np
     import torch
@@ -55,6 +55,7 @@ def describe() -> dict[str, str]:
 
     load = load_average()
     malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"
+    omp = os.environ.get("OMP_WAIT_POLICY", "default (libgomp: spin, then sleep)")
     return {
         "cpu": cpu_model(),
         "cores": f"{usable_cores()} usable ({physical_cores()} physical)",
@@ -67,6 +68,7 @@ def describe() -> dict[str, str]:
         "numpy": np.__version__,
         "load": "n/a" if load is None else " / ".join(f"{v:.2f}" for v in load) + " (1 / 5 / 15 min)",
         "malloc": malloc,
+        "OMP_WAIT_POLICY": omp,
     }
 
 

@@ -198,6 +198,7 @@ def test_bad_input_is_clear(files, tmp_path):
         train.run(cfg=cfg, **{**common, "batch_size": 0})
     with pytest.raises(TypeError, match="either"):
         train.run(train.TrainConfig(), epochs=3)
+    assert not (tmp_path / "r").exists()  # bad input leaves no empty run folder behind
 
 
 def test_backbone_weights_from_torchvision_state_dict(tmp_path, capsys):

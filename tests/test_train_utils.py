@@ -93,3 +93,24 @@ def test_console_formatting():
         assert word in head
     desc = epoch_desc(0, 30, "-", [0.1, 0.2, 0.3], 12, 320)
     assert "1/30" in desc and "320" in desc and len(desc) == len(head)
+
+
+def test_train_speed_benchmark_measures_tiny_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.train_helpers import tiny_yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_speed
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_yaml()))
+    r = train_speed.measure(str(cfg), imgsz=64, batch=2, steps=1, warmup=0)
+    assert r["cfg"] == "tiny.yaml" and r["img_s"] > 0 and r["peak_rss_mb"] > 50 and 0.01 < r["params"] < 1
+    assert train_speed.is_detector_yaml(cfg)
+    cls = tmp_path / "cls.yaml"
+    cls.write_text(yaml.safe_dump({"nc": 2, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", ["nc"]]]}))
+    assert not train_speed.is_detector_yaml(cls)

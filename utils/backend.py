@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,67 @@ def physical_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def idle_cores() -> int:
+    """Physical cores not already kept busy by other processes: cores minus the 1-minute load average
+    (rounded), at least 1. Where the OS reports no load average, all physical cores."""
+    cores = physical_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def _torch_threads(asked: int | None) -> None:
+    """Set torch's intra-op threads: `asked`, or when None never more than `idle_cores()`.
+
+    Why: torch's OpenMP threads spin while they wait for each other. When other processes occupy the
+    cores, a batch-1 forward pass on 2 threads ran 50-80x slower than on 1 (1.1 s vs 13 ms for
+    MobileNetV3-Small at 320 on a 2-core machine at load 4, benchmarks/run.py); fewer threads avoid it.
+    Only lowers the caller's setting, so a deliberate `torch.set_num_threads` elsewhere still holds.
+    """
+    if asked:
+        torch.set_num_threads(asked)
+    else:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), idle_cores())))
+
+
+# glibc allocator settings for inference. By default glibc serves blocks above 128 KiB-32 MiB (an adaptive
+# threshold) with fresh mmap()s and returns freed heap tops to the OS, so every forward pass re-faults
+# and re-zeroes its activation buffers; keeping them in the heap made MobileNetV3-Small ~1/3 faster here
+# (benchmarks/run.py). 32 MiB is the largest mmap threshold glibc accepts on 64-bit.
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 512 * 2**20}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers from glibc's malloc.h
+_malloc_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Apply `MALLOC_SETTINGS` to this process through glibc's `mallopt` (once); True when applied.
+
+    The same as starting Python with those environment variables, which take precedence: a setting
+    already in the environment is left alone. A no-op (False) off glibc (macOS, Windows, musl) and
+    when the environment has `MOBILEYOLO_MALLOC_TUNE=0` (to measure or keep glibc's defaults).
+    Effect: the process keeps up to 512 MiB of freed memory for reuse instead of returning it.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("MOBILEYOLO_MALLOC_TUNE") == "0":
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = True
+    for key, param in (("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD), ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD)):
+        if key not in os.environ:
+            ok = bool(mallopt(param, MALLOC_SETTINGS[key])) and ok
+    _malloc_tuned = ok
+    return ok
+
+
 def export_metadata(names: list[str], strides: list[float], imgsz: tuple[int, int], batch: int,
                     dynamic: bool) -> dict[str, str]:
     """The metadata written into exports (all values JSON strings, as ONNX metadata_props require).
@@ -91,10 +153,17 @@ class DetectBackend:
     `imgsz: tuple[int, int]` (h, w: the export size, or the training size for checkpoints),
     `dynamic: bool` (any input size multiple of `stride` works; False for fixed-shape exports, which
     need exactly `imgsz`), `batch: int | None` (fixed batch of a static export, else None).
-    `threads` sets ONNX Runtime's intra-op threads (default: physical cores) and, when given, torch's.
+    `threads` sets ONNX Runtime's intra-op threads (default: physical cores) and torch's (default: at
+    most `idle_cores()`, see `_torch_threads`). `spin`: whether ONNX Runtime's threads spin-wait
+    between ops (None: only while `idle_cores()` covers its threads, i.e. not on a busy machine).
+    `malloc`: apply `tune_malloc()` (process-wide glibc allocator settings that speed up inference).
     """
 
-    def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True) -> None:
+    def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
+                 malloc: bool = True, spin: bool | None = None) -> None:
+        self.spin = spin
+        if malloc:
+            tune_malloc()
         self.file = Path(weights)
         if not self.file.is_file():
             raise BackendError(f"{self.file}: weights file not found")
@@ -134,8 +203,7 @@ class DetectBackend:
         model = model.eval().to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        _torch_threads(self.threads)
         self.fmt, self.model = "pt", Decoder(model).eval()
         self.names = [str(n) for n in ckpt["names"]]
         self.strides = [float(s) for s in model.detect.stride.tolist()]
@@ -160,8 +228,7 @@ class DetectBackend:
         if not isinstance(meta, dict):
             meta = {}
         self._apply_metadata(_parse_metadata(meta, self.file))
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        _torch_threads(self.threads)
         self.fmt = "torchscript"
 
     def _load_onnx(self) -> None:
@@ -170,6 +237,9 @@ class DetectBackend:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or physical_cores()
+        spin = self.spin if self.spin is not None else idle_cores() >= opts.intra_op_num_threads
+        if not spin:  # on a busy machine spinning threads steal the cores others need, then wait for them
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only; ORT's warnings about initializers are noise here
         try:
             self.session = ort.InferenceSession(str(self.file), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -215,12 +285,17 @@ class DetectBackend:
         x = x.float()
         if self.fmt == "onnx":
             return self._run_onnx(x)
+        if self.fmt == "pt":
+            from utils.decode import decode
+
+            model = self.model.model
+            x = x.to(next(model.parameters()).device)  # val.py may move the model to a GPU
+            with torch.inference_mode():
+                maps = model(x.contiguous(memory_format=torch.channels_last))  # no-op for detect.to_tensor's x
+            with torch.no_grad():  # decoding outside inference mode gives a normal tensor without a copy
+                return decode(maps, model.detect.anchors, model.detect.stride)
         with torch.inference_mode():
-            if self.fmt == "pt":
-                x = x.to(next(self.model.parameters()).device)  # val.py may move the model to a GPU
-                y = self.model(x.contiguous(memory_format=torch.channels_last))
-            else:
-                y = self.model(x)
+            y = self.model(x)
         return y.clone()  # outside inference mode: a normal tensor; costs N * (5 + nc) floats
 
     def _run_onnx(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ backends that want a single `[B, N, 5 + nc]` tensor out.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -29,9 +31,18 @@ def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tenso
     Box columns are pixels of the network input, `obj` and `cls_*` probabilities (sigmoid).
     Rows run level by level, then anchor, then grid row, then grid column (N = sum na * H_i * W_i).
     Rule (YOLOv5 v6): `xy = (2 s - 0.5 + grid) * stride`, `wh = (2 s)^2 * anchor`, with s = sigmoid(raw).
-    Written with out-of-place ops only, so it traces cleanly for ONNX/TorchScript export.
+    While tracing/exporting, or when gradients flow, it is written with out-of-place ops only (clean
+    ONNX/TorchScript graphs); otherwise it writes each level straight into the output (same arithmetic,
+    same results, about 3x less memory traffic than sigmoid + cat + cat: see benchmarks/run.py).
     """
     _check_maps(maps, anchors, strides)
+    exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    if exporting or (torch.is_grad_enabled() and any(m.requires_grad for m in maps)):
+        return _decode_traceable(maps, anchors, strides)
+    return _decode_into(maps, anchors, strides)
+
+
+def _decode_traceable(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
     out = []
     for i, m in enumerate(maps):
         b, na, h, w, no = m.shape
@@ -46,6 +57,32 @@ def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tenso
         wh = (s[..., 2:4] * 2) ** 2 * anchor
         out.append(torch.cat((xy, wh, s[..., 4:]), -1).reshape(b, na * h * w, no))
     return torch.cat(out, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`[1, 1, h, w, 2]` cell (x, y) indices; cached because every frame of a video asks for the same."""
+    gy, gx = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
+                            torch.arange(w, device=device, dtype=dtype), indexing="ij")
+    return torch.stack((gx, gy), -1).view(1, 1, h, w, 2)
+
+
+def _decode_into(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """`decode` for inference: sigmoid of each level lands in its slice of the output, boxes in place."""
+    b, no = maps[0].shape[0], maps[0].shape[-1]
+    sizes = [m.shape[1] * m.shape[2] * m.shape[3] for m in maps]
+    out = torch.empty((b, sum(sizes), no), device=maps[0].device, dtype=maps[0].dtype)
+    start = 0
+    for i, (m, n) in enumerate(zip(maps, sizes)):
+        _, na, h, w, _ = m.shape
+        v = out[:, start:start + n].view(b, na, h, w, no)
+        torch.sigmoid(m, out=v)
+        anchor = anchors[i].to(device=m.device, dtype=v.dtype).view(1, na, 1, 1, 2)
+        stride = strides[i].to(device=m.device, dtype=v.dtype)
+        v[..., 0:2].mul_(2).sub_(0.5).add_(_grid(h, w, m.device, v.dtype)).mul_(stride)
+        v[..., 2:4].mul_(2).pow_(2).mul_(anchor)
+        start += n
+    return out
 
 
 class Decoder(nn.Module):

@@ -82,6 +82,7 @@ def plot_results(csv_path: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     csv_path = Path(csv_path)
     out = Path(out) if out else csv_path.with_name("results.png")
@@ -103,6 +104,7 @@ def plot_results(csv_path: str | Path, out: str | Path | None = None) -> Path:
             ax.plot(x, sm, ":", label="smooth", linewidth=2)
         ax.set_title(key, fontsize=11)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend()
     fig.savefig(out, dpi=120)
     plt.close(fig)

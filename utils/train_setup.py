@@ -54,6 +54,7 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
                               f"{new.epochs}); nothing to resume. Start a new run with --weights {path}")
     if int(ckpt.get("epoch", -1)) + 1 >= new.epochs:
         raise CheckpointError(f"{path}: all {new.epochs} epochs are done; nothing to resume")
+    print(f"--resume {path}: continuing with the run's own arguments (other flags are ignored)")
     return new, ckpt
 
 
@@ -65,7 +66,7 @@ def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
         return dict(ckpt["hyp"])
     hyp = dict(cfg.hyp) if isinstance(cfg.hyp, dict) else load_hyp(repo_path(cfg.hyp))
-    unknown = sorted(set(cfg.hyp_overrides) - set(hyp) - {"nbs"})
+    unknown = sorted(set(cfg.hyp_overrides) - set(hyp) - {"nbs", "warmup_min_iters"})
     if unknown:
         print(f"WARNING hyp_overrides: keys {unknown} are not in the hyp file; added anyway")
     hyp.update(cfg.hyp_overrides)
@@ -89,17 +90,18 @@ def build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: Any) ->
             rank=info.rank, world_size=info.world_size)
     val_loader = None
     if info.is_main:
-        val_loader, _ = create_dataloader(
+        val_loader, val_ds = create_dataloader(
             data.val, cfg.imgsz, bs * 2, gs, hyp=hyp, augment=False, cache=cfg.cache, rect=True,
             workers=cfg.workers, shuffle=False, seed=cfg.seed, nc=data.nc, prefix="val: ", pad=0.5)
     if cfg.single_cls:
-        single_class(train_ds)
+        for ds in (train_ds, val_ds) if val_loader is not None else (train_ds,):
+            single_class(ds)
     return train_loader, train_ds, val_loader
 
 
 def single_class(dataset: Any) -> None:
-    """--single-cls for training: every label becomes class 0 (the dataset reads `labels` on each item);
-    `val.evaluate(single_cls=True)` does the same for validation."""
+    """--single-cls: every label becomes class 0 (the dataset reads `labels` on each item), so the
+    training and validation losses see one class."""
     for lb in dataset.labels:
         lb[:, 0] = 0
 

@@ -1,0 +1,231 @@
+"""Every figure of every detector YAML in models/, in one markdown report: the README's benchmark table.
+
+    python benchmarks/run.py                                  # all detectors, 320 and 640, 30 runs
+    python benchmarks/run.py --runs 5 --cfg models/yolov5n.yaml models/mobilenetv3-small-yolo.yaml \\
+        --imgsz 320 --skip-train --out bench.md
+
+Per model: parameters, GFLOPs per size, batch-1 latency (median of `--runs` after warm-up) in PyTorch
+(detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included) and in ONNX
+Runtime (`--threads` intra-op threads, static export, decode in the graph), training images/s at 320
+batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model). Then detect.py's
+per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
+and the issue's targets as ratios measured within this one run, each marked met or missed.
+
+Latency timings interleave all (model, format) pairs round-robin so load changes hit them alike: on a
+shared machine absolute milliseconds drift, the ratios much less. The process applies glibc allocator
+settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
+subprocesses; `--no-malloc-tune` measures glibc's defaults instead. `--omp-passive` sets
+OMP_WAIT_POLICY=PASSIVE (before torch loads): PyTorch's OpenMP threads then sleep instead of spinning
+while they wait, which avoids a 10-50x slowdown when other processes compete for the cores.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL, NANO = "mobilenetv3-small-yolo", "yolov5n"
+# (what, figure key, size, 'max' or 'min', bound): mobilenetv3-small-yolo's figure over yolov5n's, as the issue states them
+TARGETS = (
+    ("ONNX Runtime latency at 320, mobilenetv3-small-yolo / yolov5n", "onnx", 320, "max", 0.5),
+    ("PyTorch latency at 320, mobilenetv3-small-yolo / yolov5n", "pt", 320, "max", 0.6),
+    ("training images/s, mobilenetv3-small-yolo / yolov5n", "train", 320, "min", 2.0),
+)
+
+
+@dataclass
+class Report:
+    """Everything one run measured; `markdown()` renders it."""
+
+    machine: dict[str, str]
+    sizes: list[int]
+    runs: int
+    threads: int
+    rows: list[dict] = field(default_factory=list)  # per model: cfg, params, gflops{s}, pt{s}, onnx{s}, train
+    detect: list = field(default_factory=list)  # detect_path.PathResult per format
+    seconds: float = 0.0
+    command: str = "python benchmarks/run.py"
+
+
+def detector_yamls(folder: Path = ROOT / "models") -> list[Path]:
+    """Every YAML in `folder` whose head ends in a Detect row (classifier YAMLs are skipped)."""
+    import yaml
+
+    out = []
+    for p in sorted(folder.glob("*.yaml")):
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        rows = (d.get("head") or []) if isinstance(d, dict) else []
+        if rows and isinstance(rows[-1], list) and len(rows[-1]) > 2 and str(rows[-1][2]) == "Detect":
+            out.append(p)
+    return out
+
+
+def train_figures(cfgs: list[Path], threads: int, steps: int) -> dict[str, dict]:
+    """{cfg stem: train_speed row} at 320 batch 16 (benchmarks/train_speed.py, subprocess per model)."""
+    from benchmarks import train_speed
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its own table; ours carries the figures
+        rows = train_speed.run([str(c) for c in cfgs], imgsz=320, batch=16, steps=steps, warmup=2, threads=threads)
+    return {Path(r["cfg"]).stem: r for r in rows}
+
+
+def ratio(rows: list[dict], key: str, size: int) -> float | None:
+    """mobilenetv3-small-yolo's figure over yolov5n's, or None when either is missing."""
+    by = {r["cfg"]: r for r in rows}
+    if SMALL not in by or NANO not in by:
+        return None
+    if key == "train":
+        a, b = (by[m].get("train") or {} for m in (SMALL, NANO))
+        return a["img_s"] / b["img_s"] if a and b else None
+    a, b = by[SMALL].get(key, {}).get(size), by[NANO].get(key, {}).get(size)
+    return a / b if a and b else None
+
+
+def target_lines(rep: Report) -> list[str]:
+    """One line per target: measured ratio, bound, met/missed (or not measured)."""
+    lines = []
+    for name, key, size, kind, bound in TARGETS:
+        r = ratio(rep.rows, key, size)
+        if r is None:
+            lines.append(f"- {name}: not measured in this run")
+            continue
+        met = r <= bound if kind == "max" else r >= bound
+        lines.append(f"- {name}: **{r:.2f}x** (target {'<=' if kind == 'max' else '>='} {bound}x): "
+                     f"{'met' if met else 'MISSED'}")
+    from benchmarks.detect_path import CHECKED
+
+    for d in rep.detect:
+        worst = max(CHECKED, key=lambda s: d.ms[s])
+        met = d.ms[worst] <= d.ms["model"]
+        lines.append(f"- detect.py path ({d.fmt}): costliest non-model stage `{worst}` {d.ms[worst]:.2f} ms vs "
+                     f"model {d.ms['model']:.2f} ms: {'met' if met else 'MISSED'}")
+    return lines
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rep: Report) -> str:
+    """The per-model markdown table."""
+    s = rep.sizes
+    head = (["model", "params (M)"] + [f"GFLOPs {x}" for x in s] + [f"PyTorch {x} (ms)" for x in s]
+            + [f"ORT {x} (ms)" for x in s] + ["train img/s (320, b16)", "train peak RSS (MiB)"])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rep.rows:
+        t = r.get("train") or {}
+        cells = ([r["cfg"], f"{r['params'] / 1e6:.2f}"] + [f"{r['gflops'][x]:.2f}" for x in s]
+                 + [_fmt(r["pt"].get(x), ".1f") for x in s] + [_fmt(r["onnx"].get(x), ".1f") for x in s]
+                 + [_fmt(t.get("img_s"), ".1f"), _fmt(t.get("peak_rss_mb"), ".0f")])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rep: Report) -> str:
+    """The whole report: machine, model table, detect path, targets, command."""
+    from benchmarks.detect_path import markdown as detect_md
+    from benchmarks.machine import markdown as machine_md
+
+    parts = ["## Benchmarks", "", f"Batch-1 latency: median of {rep.runs} runs after 5 warm-up runs, "
+             f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed round-robin. "
+             f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); ORT = static ONNX "
+             f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
+             f"data, 320 px, batch 16, no data loading; peak RSS of the training process.", "",
+             table(rep), ""]
+    for d in rep.detect:
+        parts += [detect_md(d), ""]
+    parts += ["Targets (ratios within this run):", "", *target_lines(rep), "",
+              "Machine:", "", machine_md(rep.machine), "",
+              f"Command: `{rep.command}` ({rep.seconds / 60:.1f} min)"]
+    return "\n".join(parts) + "\n"
+
+
+def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int] = (320, 640), runs: int = 30,
+        threads: int = 2, skip_train: bool = False, train_steps: int = 5, detect_cfg: str | Path | None = None,
+        detect_weights: str | Path | None = None, malloc_tune: bool = True, out: str | Path | None = None,
+        detect_source: str | Path | None = None, command: str | None = None) -> Report:
+    """Measure, print and (with `out`) write the report; returns it. See the module docstring."""
+    import torch
+
+    from benchmarks import detect_path, latency
+    from benchmarks.machine import describe
+    from utils.backend import MALLOC_SETTINGS, tune_malloc
+
+    t0 = time.time()
+    if malloc_tune:
+        tune_malloc()
+        for k, v in MALLOC_SETTINGS.items():  # the training subprocesses inherit these
+            os.environ.setdefault(k, str(v))
+    else:  # DetectBackend (also inside export.py and detect.py) would apply them otherwise
+        os.environ["MOBILEYOLO_MALLOC_TUNE"] = "0"
+    torch.set_num_threads(threads)
+    cfgs = [Path(c) for c in (cfgs or detector_yamls())]
+    sizes = sorted({int(s) for s in sizes})
+    rep = Report(describe(), sizes, runs, threads)
+    load_start = rep.machine["load"]
+    with tempfile.TemporaryDirectory() as d:
+        prepared = latency.prepare(cfgs, sizes, Path(d), threads=threads)
+        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune)
+    for p in prepared:
+        stem = p.cfg.stem
+        rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,
+                         "pt": {s: ms.get((stem, "pt", s)) for s in sizes},
+                         "onnx": {s: ms.get((stem, "onnx", s)) for s in sizes}})
+    if not skip_train:
+        train = train_figures(cfgs, threads, train_steps)
+        for r in rep.rows:
+            r["train"] = train.get(r["cfg"])
+    dcfg = Path(detect_cfg) if detect_cfg else next((c for c in cfgs if c.stem == SMALL), cfgs[0])
+    for fmt in ("pt", "onnx"):
+        rep.detect.append(detect_path.run(detect_weights, dcfg, detect_source, min(sizes), threads, fmt=fmt))
+        if detect_weights:  # a given weights file has one format
+            break
+    rep.machine = describe()
+    rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run
+    rep.command = command or f"benchmarks.run.run(cfgs={[str(c) for c in cfgs]}, sizes={sizes}, runs={runs})"
+    rep.seconds = time.time() - t0
+    text = markdown(rep)
+    print(text)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"written to {out}")
+    return rep
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", nargs="+", default=None, help="model YAMLs (default: every detector in models/)")
+    p.add_argument("--imgsz", nargs="+", type=int, default=[320, 640], help="latency/GFLOPs sizes (px)")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per latency figure (after 5 warm-up)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads, PyTorch and ONNX Runtime")
+    p.add_argument("--skip-train", action="store_true", help="no training column")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per model")
+    p.add_argument("--detect-cfg", default=None, help="YAML for the detect path (default mobilenetv3-small-yolo)")
+    p.add_argument("--detect-weights", default=None, help="trained weights for the detect path (default random)")
+    p.add_argument("--no-malloc-tune", action="store_true", help="measure with glibc's default allocator settings")
+    p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (for busy machines)")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    a = p.parse_args(argv)
+    if a.runs < 1 or a.threads < 1 or any(s < 32 or s % 32 for s in a.imgsz):
+        p.error("--runs and --threads must be >= 1; --imgsz values multiples of 32")
+    if a.omp_passive:
+        if "torch" in sys.modules:  # libgomp reads its settings once, when torch loads it
+            print("warning: --omp-passive has no effect, torch is already imported", file=sys.stderr)
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
+        not a.no_malloc_tune, a.out, command=cmd.strip())
+
+
+if __name__ == "__main__":
+    main()

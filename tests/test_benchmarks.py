@@ -1,0 +1,150 @@
+"""benchmarks/run.py and its helpers: a cheap smoke run on a tiny model (figures are never asserted)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import detect
+from benchmarks import detect_path, machine
+from benchmarks import run as bench
+from tests.backend_helpers import TINY, make_images
+from utils import backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def tiny_yaml(tmp_path):
+    f = tmp_path / "tiny-yolo.yaml"
+    f.write_text(yaml.safe_dump(TINY))
+    return f
+
+
+def test_smoke_run_writes_a_complete_report(tiny_yaml, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILEYOLO_MALLOC_TUNE", "0")  # keep this pytest process on glibc's defaults
+    src = tmp_path / "imgs"
+    make_images(src, n=3, size=(96, 72))
+    out = tmp_path / "bench.md"
+    rep = bench.run([tiny_yaml], sizes=[64], runs=1, threads=1, skip_train=True, out=out, malloc_tune=False,
+                    detect_source=src)
+    row = rep.rows[0]
+    assert row["cfg"] == "tiny-yolo" and row["params"] > 1000 and row["gflops"][64] > 0
+    assert row["pt"][64] > 0 and row["onnx"][64] > 0 and "train" not in row
+    assert [d.fmt for d in rep.detect] == ["pt", "onnx"]
+    assert all(d.images == 3 and set(detect_path.STAGES) <= set(d.ms) for d in rep.detect)
+    text = out.read_text()
+    assert "| tiny-yolo |" in text and "GFLOPs 64" in text and "ORT 64 (ms)" in text
+    # the issue's model ratios need both models; with one tiny model they are reported as not measured
+    assert text.count("not measured in this run") == 3
+    assert "detect.py path (pt)" in text and "- cpu: " in text and "- load: " in text
+
+
+def test_targets_are_marked_met_or_missed():
+    rep = bench.Report(machine={}, sizes=[320], runs=1, threads=1)
+    rep.rows = [{"cfg": "yolov5n", "pt": {320: 10.0}, "onnx": {320: 10.0}, "train": {"img_s": 10.0}},
+                {"cfg": "mobilenetv3-small-yolo", "pt": {320: 7.0}, "onnx": {320: 4.0}, "train": {"img_s": 25.0}}]
+    lines = bench.target_lines(rep)
+    assert "0.40x" in lines[0] and lines[0].endswith("met")  # ORT 4 / 10 <= 0.5
+    assert "0.70x" in lines[1] and lines[1].endswith("MISSED")  # PyTorch 7 / 10 > 0.6
+    assert "2.50x" in lines[2] and lines[2].endswith("met")  # training 25 / 10 >= 2
+    rep.detect = [detect_path.PathResult({s: 1.0 for s in detect_path.STAGES} | {"read": 3.0, "model": 2.0},
+                                         1, 0.0, "w.pt", "pt", (320, 320))]
+    assert bench.target_lines(rep)[-1].endswith("MISSED") and "`read`" in bench.target_lines(rep)[-1]
+
+
+def test_detector_yamls_skip_classifiers(tmp_path):
+    (tmp_path / "det.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump({**TINY, "head": [[-1, 1, "Classify", [2]]]}))
+    (tmp_path / "junk.yaml").write_text("just a string")
+    assert [p.name for p in bench.detector_yamls(tmp_path)] == ["det.yaml"]
+    names = {p.stem for p in bench.detector_yamls()}
+    assert {"yolov5n", "mobilenetv3-small-yolo"} <= names and "mobilenetv3-small-cls" not in names
+
+
+@pytest.mark.parametrize("argv", [["--imgsz", "100"], ["--runs", "0"], ["--threads", "0"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "--imgsz" in capsys.readouterr().err
+
+
+def test_to_tensor_matches_the_reference_conversion_and_is_channels_last():
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    x = detect.to_tensor(img)
+    ref = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).float().div(255)[None]
+    assert x.shape == (1, 3, 64, 96) and x.dtype == torch.float32 and torch.equal(x, ref)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tune_malloc_honours_the_opt_out(monkeypatch):
+    monkeypatch.setattr(backend, "_malloc_tuned", False)
+    monkeypatch.setenv("MOBILEYOLO_MALLOC_TUNE", "0")
+    assert backend.tune_malloc() is False and backend._malloc_tuned is False
+
+
+def test_machine_description_has_the_facts():
+    info = machine.describe()
+    assert {"cpu", "cores", "torch", "onnxruntime", "opencv", "load", "malloc"} <= set(info)
+    assert info["cpu"] and int(info["cores"].split()[0]) >= 1
+    assert machine.markdown({"a": "b"}) == "- a: b"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt only")
+def test_tune_malloc_applies_once_on_glibc():
+    # a fresh interpreter: the setting is process-wide and must not leak into the test process
+    code = ("import os; [os.environ.pop(k, None) for k in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', "
+            "'MOBILEYOLO_MALLOC_TUNE')]; from utils.backend import tune_malloc; print(tune_malloc(), tune_malloc())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MOBILEYOLO_MALLOC_TUNE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_idle_cores_follows_the_load_average(monkeypatch):
+    cores = backend.physical_cores()
+    monkeypatch.setattr(backend.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert backend.idle_cores() == cores
+    monkeypatch.setattr(backend.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert backend.idle_cores() == 1
+
+    def no_load() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+    monkeypatch.setattr(backend.os, "getloadavg", no_load)
+    assert backend.idle_cores() == cores
+
+
+def test_busy_machine_lowers_torch_threads_and_stops_ort_spinning(tmp_path, monkeypatch):
+    import export
+    from tests.backend_helpers import make_checkpoint
+
+    pt = make_checkpoint(tmp_path / "tiny.pt", imgsz=64)
+    onnx_file = export.run(pt, ("onnx",), imgsz=64, outdir=tmp_path, threads=1)["onnx"]
+    monkeypatch.setattr(backend, "idle_cores", lambda: 1)
+    torch.set_num_threads(2)  # the module fixture restores the caller's setting afterwards
+    backend.DetectBackend(pt)
+    assert torch.get_num_threads() == 1
+    backend.DetectBackend(pt, threads=2)  # an explicit request is honoured
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    opts = backend.DetectBackend(onnx_file, threads=2).session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setattr(backend, "idle_cores", lambda: 64)
+    opts = backend.DetectBackend(onnx_file, threads=2).session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    with pytest.raises(RuntimeError):  # never set: ORT's default (spin) applies
+        opts.get_session_config_entry("session.intra_op.allow_spinning")

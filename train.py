@@ -5,6 +5,8 @@
     python train.py --resume runs/train/exp/weights/last.pt
     torchrun --nproc_per_node 2 train.py --device 0,1 --batch-size 64
 
+The default hyp file, data/hyps/short-cpu.yaml, is tuned for that short CPU run (AdamW via
+`--optimizer auto`); pass `--hyp data/hyps/default.yaml` for YOLOv5's long-schedule values (SGD).
 Outputs go to runs/train/expN/: weights/{last,best}.pt, results.csv, results.png, hyp.yaml, args.yaml,
 data plots and the final validation plots of best.pt.
 """
@@ -26,8 +28,8 @@ from utils.devices import device_memory_str, select_device
 from utils.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
                         seed_everything)
 from utils.ema import ModelEMA, de_parallel
-from utils.optim import accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
-    scaled_weight_decay, warmup_iters
+from utils.optim import BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
+    scaled_weight_decay, set_bn_momentum, warmup_iters
 from utils.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
 from utils.train_config import DEFAULT_EPOCHS, TrainConfig, write_yaml
 
@@ -119,7 +121,9 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     nbs = int(hyp.get("nbs", 64))
     accumulate = accumulate_steps(cfg.batch_size, nbs)
     wd = scaled_weight_decay(hyp["weight_decay"], cfg.batch_size, accumulate, nbs)
-    optimizer = build_optimizer(model, cfg.optimizer, hyp["lr0"], hyp["momentum"], wd)
+    set_bn_momentum(model, float(hyp.get("bn_momentum", BN_MOMENTUM)))
+    opt_name = cfg.optimizer if cfg.optimizer != "auto" else str(hyp.get("optimizer", "SGD"))
+    optimizer = build_optimizer(model, opt_name, hyp["lr0"], hyp["momentum"], wd)
     start_epoch, best_fitness, best_epoch = 0, 0.0, -1
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -279,8 +283,10 @@ def _start_outputs(r: Run) -> None:
         r.tb = SummaryWriter(str(r.save_dir))
     except ImportError:
         r.tb = None
+    opt = type(r.optimizer).__name__
     print(f"Image size {r.cfg.imgsz}, {len(r.train_ds)} train images, batch {r.cfg.batch_size} "
-          f"(accumulate {r.accumulate}), {r.cfg.workers} workers, on {r.device}. Logging to {r.save_dir}")
+          f"(accumulate {r.accumulate}), {opt} lr0 {r.hyp['lr0']:g}, {r.cfg.workers} workers, on {r.device}. "
+          f"Logging to {r.save_dir}")
 
 
 def _plot_labels(r: Run) -> None:
@@ -300,8 +306,9 @@ def _plot_batch(r: Run, ni: int, imgs: torch.Tensor, targets: torch.Tensor, path
 def run(opt: TrainConfig | None = None, callbacks: Callbacks | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train; return `{'save_dir', 'best', 'last', 'metrics', 'epochs_done'}` (rank 0; others get save_dir None).
 
-    Instead of `opt`, TrainConfig fields may be given as keyword arguments (`run(data=..., epochs=3)`). `callbacks` maps event names to functions:
-    `on_train_batch_end(epoch, i)` and `on_fit_epoch_end(epoch, row)` (tests use them to interrupt runs).
+    Instead of `opt`, TrainConfig fields may be given as keyword arguments (`run(data=..., epochs=3)`).
+    `callbacks` maps event names to functions: `on_train_batch_end(epoch, i)` and
+    `on_fit_epoch_end(epoch, row)` (tests use them to interrupt runs at chosen points).
     """
     if opt is not None and kwargs:
         raise TypeError("run(): pass either a TrainConfig or keyword arguments, not both")
@@ -339,7 +346,7 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--cfg", default=d["cfg"].default, help="model YAML")
     p.add_argument("--weights", default="", help="start from this MobileYOLO checkpoint (matching tensors)")
     p.add_argument("--backbone-weights", default="", help="torchvision MobileNetV3 state_dict file for the backbone")
-    p.add_argument("--hyp", default=d["hyp"].default, help="hyper-parameter YAML")
+    p.add_argument("--hyp", default=d["hyp"].default, help="hyper-parameter YAML (data/hyps/default.yaml: YOLOv5's)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (px)")
@@ -350,7 +357,8 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--patience", type=int, default=100, help="early stop after this many epochs without improvement")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the run of this last.pt (or the latest)")
     p.add_argument("--freeze", type=int, default=0, help="freeze the first N model rows")
-    p.add_argument("--optimizer", choices=["SGD", "Adam", "AdamW"], default="SGD")
+    p.add_argument("--optimizer", choices=["auto", "SGD", "Adam", "AdamW"], default="auto",
+                   help="auto: the hyp file's `optimizer` key, else SGD")
     p.add_argument("--cos-lr", action="store_true", help="cosine LR decay instead of linear")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--single-cls", action="store_true", help="train every class as one")

@@ -10,6 +10,8 @@ each image separately. Prints/returns the median milliseconds per stage over all
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import tempfile
@@ -61,7 +63,8 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
             if fmt == "onnx":
                 import export
 
-                weights = export.run(weights, ("onnx",), imgsz=imgsz, outdir=d, threads=threads)["onnx"]
+                with contextlib.redirect_stdout(io.StringIO()):  # export prints its parity check
+                    weights = export.run(weights, ("onnx",), imgsz=imgsz, outdir=d, threads=threads)["onnx"]
         det = detect.Detector(detect.DetectOptions(weights=weights, source=source or detect.DEFAULT_SOURCE,
                                                    imgsz=imgsz, conf_thres=conf_thres, nosave=True,
                                                    project=Path(d) / "runs", threads=threads))

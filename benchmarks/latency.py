@@ -8,6 +8,8 @@ of machine load hits all of them alike and their ratios stay meaningful on a sha
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import statistics
 import time
@@ -64,7 +66,8 @@ def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | No
             if onnx:
                 sub = folder / str(s)
                 sub.mkdir(exist_ok=True)
-                p.onnx[s] = export.run(pt, ("onnx",), imgsz=s, outdir=sub, threads=threads)["onnx"]
+                with contextlib.redirect_stdout(io.StringIO()):  # export prints a parity line per file
+                    p.onnx[s] = export.run(pt, ("onnx",), imgsz=s, outdir=sub, threads=threads)["onnx"]
         out.append(p)
     return out
 
@@ -85,8 +88,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
 
 
 def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
-             warmup: int = 5, malloc: bool = True) -> dict[tuple[str, str, int], float]:
-    """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported)."""
+             warmup: int = 5, malloc: bool = True, spin: bool | None = None) -> dict[tuple[str, str, int], float]:
+    """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported).
+
+    `malloc` and `spin` are passed to `DetectBackend` (allocator tuning; ONNX Runtime spin-waiting,
+    None = its busy-machine rule).
+    """
     from utils.backend import DetectBackend
 
     torch.set_num_threads(threads)
@@ -98,7 +105,7 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
             files = {"pt": p.pt, "onnx": p.onnx.get(s)}
             for fmt, f in files.items():
                 if f is not None:
-                    b = DetectBackend(f, threads=threads, malloc=malloc)
+                    b = DetectBackend(f, threads=threads, malloc=malloc, spin=spin)
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
         for k, ms in interleaved_medians(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")

@@ -14,9 +14,11 @@ and the issue's targets as ratios measured within this one run, each marked met 
 Latency timings interleave all (model, format) pairs round-robin so load changes hit them alike: on a
 shared machine absolute milliseconds drift, the ratios much less. The process applies glibc allocator
 settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
-subprocesses; `--no-malloc-tune` measures glibc's defaults instead. `--omp-passive` sets
-OMP_WAIT_POLICY=PASSIVE (before torch loads): PyTorch's OpenMP threads then sleep instead of spinning
-while they wait, which avoids a 10-50x slowdown when other processes compete for the cores.
+subprocesses; `--no-malloc-tune` measures glibc's defaults instead. Unless `--omp-active` (or an
+OMP_WAIT_POLICY already in the environment), it sets OMP_WAIT_POLICY=PASSIVE before torch loads: torch's
+OpenMP threads then sleep instead of spinning while they wait for each other. With the default policy
+a batch-1 forward pass on 2 threads took 1.1-1.3 s instead of 13-30 ms on a 2-core machine that other
+processes also used (load 2-4), which made the PyTorch column meaningless and the run hours long.
 """
 from __future__ import annotations
 
@@ -153,7 +155,7 @@ def markdown(rep: Report) -> str:
 def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int] = (320, 640), runs: int = 30,
         threads: int = 2, skip_train: bool = False, train_steps: int = 5, detect_cfg: str | Path | None = None,
         detect_weights: str | Path | None = None, malloc_tune: bool = True, out: str | Path | None = None,
-        detect_source: str | Path | None = None, command: str | None = None) -> Report:
+        detect_source: str | Path | None = None, command: str | None = None, ort_spin: bool | None = None) -> Report:
     """Measure, print and (with `out`) write the report; returns it. See the module docstring."""
     import torch
 
@@ -175,14 +177,18 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     load_start = rep.machine["load"]
     with tempfile.TemporaryDirectory() as d:
         prepared = latency.prepare(cfgs, sizes, Path(d), threads=threads)
-        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune)
+        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin)
     for p in prepared:
         stem = p.cfg.stem
         rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,
                          "pt": {s: ms.get((stem, "pt", s)) for s in sizes},
                          "onnx": {s: ms.get((stem, "onnx", s)) for s in sizes}})
     if not skip_train:
-        train = train_figures(cfgs, threads, train_steps)
+        try:
+            train = train_figures(cfgs, threads, train_steps)
+        except Exception as e:  # another part's script: report and keep the other figures
+            print(f"warning: training figures failed ({type(e).__name__}: {e}); column left empty", file=sys.stderr)
+            train = {}
         for r in rep.rows:
             r["train"] = train.get(r["cfg"])
     dcfg = Path(detect_cfg) if detect_cfg else next((c for c in cfgs if c.stem == SMALL), cfgs[0])
@@ -192,6 +198,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
             break
     rep.machine = describe()
     rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run
+    rep.machine["ORT spin-wait (latency table)"] = {None: "auto (off when busy)", True: "on", False: "off"}[ort_spin]
     rep.command = command or f"benchmarks.run.run(cfgs={[str(c) for c in cfgs]}, sizes={sizes}, runs={runs})"
     rep.seconds = time.time() - t0
     text = markdown(rep)
@@ -213,18 +220,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--detect-cfg", default=None, help="YAML for the detect path (default mobilenetv3-small-yolo)")
     p.add_argument("--detect-weights", default=None, help="trained weights for the detect path (default random)")
     p.add_argument("--no-malloc-tune", action="store_true", help="measure with glibc's default allocator settings")
-    p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (for busy machines)")
+    p.add_argument("--omp-active", action="store_true",
+                   help="keep libgomp's spin-waiting (default here: OMP_WAIT_POLICY=PASSIVE, see above)")
+    p.add_argument("--ort-spin", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX Runtime spin-waiting in the latency table (auto: off on a busy machine, as detect.py)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     a = p.parse_args(argv)
     if a.runs < 1 or a.threads < 1 or any(s < 32 or s % 32 for s in a.imgsz):
         p.error("--runs and --threads must be >= 1; --imgsz values multiples of 32")
-    if a.omp_passive:
+    if not a.omp_active and "OMP_WAIT_POLICY" not in os.environ:
         if "torch" in sys.modules:  # libgomp reads its settings once, when torch loads it
-            print("warning: --omp-passive has no effect, torch is already imported", file=sys.stderr)
+            print("warning: OMP_WAIT_POLICY=PASSIVE has no effect, torch is already imported", file=sys.stderr)
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
-        not a.no_malloc_tune, a.out, command=cmd.strip())
+        not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, build_scheduler, freeze_layers, lr_lambda,
-                         scaled_weight_decay, split_param_groups, warmup_iters)
+                         scaled_weight_decay, set_bn_momentum, split_param_groups, warmup_iters)
 
 HYP = {"lr0": 0.01, "lrf": 0.01, "momentum": 0.937, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1}
 
@@ -132,3 +132,11 @@ def test_freeze_first_rows():
     with pytest.raises(ValueError, match="freeze"):
         freeze_layers(m, -1)
     assert not math.isnan(sum(p.sum().item() for p in m.parameters()))
+
+
+def test_set_bn_momentum():
+    m = Rows()
+    assert set_bn_momentum(m, 0.1) == 1  # the BatchNorm only; GroupNorm has no running statistics
+    assert m.layers[0][1].momentum == 0.1
+    with pytest.raises(ValueError, match="bn_momentum"):
+        set_bn_momentum(m, 0.0)

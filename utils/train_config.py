@@ -24,7 +24,7 @@ class TrainConfig:
     cfg: str = "models/mobilenetv3-small-yolo.yaml"
     weights: str = ""
     backbone_weights: str = ""
-    hyp: str | dict = "data/hyps/default.yaml"
+    hyp: str | dict = "data/hyps/short-cpu.yaml"
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = 16
     imgsz: int = 320
@@ -35,7 +35,7 @@ class TrainConfig:
     patience: int = 100
     resume: bool | str = False
     freeze: int = 0
-    optimizer: str = "SGD"
+    optimizer: str = "auto"
     cos_lr: bool = False
     label_smoothing: float = 0.0
     single_cls: bool = False
@@ -64,7 +64,8 @@ class TrainConfig:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.freeze >= 0, f"--freeze must be >= 0, got {self.freeze}"),
             (self.patience >= 0, f"--patience must be >= 0 (0 = never stop early), got {self.patience}"),
-            (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
+            (self.optimizer in ("auto", "SGD", "Adam", "AdamW"),
+             f"--optimizer must be auto, SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.cache in (None, "ram"), f"--cache: only 'ram' is supported, got {self.cache!r}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
         ]

@@ -66,7 +66,7 @@ def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
         return dict(ckpt["hyp"])
     hyp = dict(cfg.hyp) if isinstance(cfg.hyp, dict) else load_hyp(repo_path(cfg.hyp))
-    unknown = sorted(set(cfg.hyp_overrides) - set(hyp) - {"nbs", "warmup_min_iters"})
+    unknown = sorted(set(cfg.hyp_overrides) - set(hyp) - {"nbs", "warmup_min_iters", "bn_momentum", "optimizer"})
     if unknown:
         print(f"WARNING hyp_overrides: keys {unknown} are not in the hyp file; added anyway")
     hyp.update(cfg.hyp_overrides)

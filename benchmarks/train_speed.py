@@ -104,7 +104,7 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps:
         print(f"done {Path(cfg).name}", file=sys.stderr)
     import torch
 
-    print(f"\nTraining speed, CPU, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
+    print(f"\nTraining speed, CPU, nc=3, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
           f"median of {steps} steps (forward + loss + backward + SGD step; no data loading):\n")
     print("| model | params (M) | train img/s | step (ms) | peak RSS (MiB) |")
     print("|---|---:|---:|---:|---:|")

@@ -179,7 +179,7 @@ def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
         if r.info.is_main and ni < 3 and not r.cfg.noplots:
             _plot_batch(r, ni, imgs, targets, paths)
         apply_warmup(r.optimizer, ni, r.nw, r.lf(epoch), r.hyp)
-        imgs = imgs.to(r.device, non_blocking=True).float() / 255
+        imgs = (imgs.to(r.device, non_blocking=True).float() / 255).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=r.device.type, enabled=r.amp):
             loss, parts = r.loss_fn(r.model(imgs), targets.to(r.device))
         if not torch.isfinite(loss):

@@ -88,16 +88,18 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
 
 
 def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
-             warmup: int = 5, malloc: bool = True, spin: bool | None = None) -> dict[tuple[str, str, int], float]:
+             warmup: int = 5, malloc: bool = True, spin: bool | None = None,
+             spins: set[bool] | None = None) -> dict[tuple[str, str, int], float]:
     """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported).
 
     `malloc` and `spin` are passed to `DetectBackend` (allocator tuning; ONNX Runtime spin-waiting,
-    None = its busy-machine rule).
+    None = its busy-machine rule); `spins`, when given, collects what the ONNX sessions decided.
     """
     from utils.backend import DetectBackend
 
     torch.set_num_threads(threads)
     result: dict[tuple[str, str, int], float] = {}
+    spins = set() if spins is None else spins
     for s in sizes:
         x = torch.rand(1, 3, s, s)
         fns: dict[str, Callable[[], object]] = {}
@@ -106,6 +108,8 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
             for fmt, f in files.items():
                 if f is not None:
                     b = DetectBackend(f, threads=threads, malloc=malloc, spin=spin)
+                    if fmt == "onnx":
+                        spins.add(bool(b.spin))
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
         for k, ms in interleaved_medians(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")

@@ -177,7 +177,8 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     load_start = rep.machine["load"]
     with tempfile.TemporaryDirectory() as d:
         prepared = latency.prepare(cfgs, sizes, Path(d), threads=threads)
-        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin)
+        spins: set[bool] = set()
+        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin, spins=spins)
     for p in prepared:
         stem = p.cfg.stem
         rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,
@@ -198,7 +199,8 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
             break
     rep.machine = describe()
     rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run
-    rep.machine["ORT spin-wait (latency table)"] = {None: "auto (off when busy)", True: "on", False: "off"}[ort_spin]
+    used = "/".join("on" if x else "off" for x in sorted(spins)) or "n/a"
+    rep.machine["ORT spin-wait (latency table)"] = f"{used} ({ {None: 'auto: off when busy', True: 'forced on', False: 'forced off'}[ort_spin]})"
     rep.command = command or f"benchmarks.run.run(cfgs={[str(c) for c in cfgs]}, sizes={sizes}, runs={runs})"
     rep.seconds = time.time() - t0
     text = markdown(rep)

@@ -62,11 +62,11 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Model(cfg, nc=nc).train()
+    model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)  # as train.py trains
     hyp = load_hyp()
     loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, hyp, imgsz=imgsz)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    imgs = torch.rand(batch, 3, imgsz, imgsz)
+    imgs = torch.rand(batch, 3, imgsz, imgsz).contiguous(memory_format=torch.channels_last)
     n = 4 * batch  # four boxes per image
     g = torch.Generator().manual_seed(0)
     wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05

@@ -238,6 +238,7 @@ class DetectBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or physical_cores()
         spin = self.spin if self.spin is not None else idle_cores() >= opts.intra_op_num_threads
+        self.spin = spin  # the decision, for reports
         if not spin:  # on a busy machine spinning threads steal the cores others need, then wait for them
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only; ORT's warnings about initializers are noise here

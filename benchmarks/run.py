@@ -14,11 +14,12 @@ and the issue's targets as ratios measured within this one run, each marked met 
 Latency timings interleave all (model, format) pairs round-robin so load changes hit them alike: on a
 shared machine absolute milliseconds drift, the ratios much less. The process applies glibc allocator
 settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
-subprocesses; `--no-malloc-tune` measures glibc's defaults instead. Unless `--omp-active` (or an
-OMP_WAIT_POLICY already in the environment), it sets OMP_WAIT_POLICY=PASSIVE before torch loads: torch's
-OpenMP threads then sleep instead of spinning while they wait for each other. With the default policy
-a batch-1 forward pass on 2 threads took 1.1-1.3 s instead of 13-30 ms on a 2-core machine that other
-processes also used (load 2-4), which made the PyTorch column meaningless and the run hours long.
+subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
+(fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment
+wins) it sets OMP_WAIT_POLICY=PASSIVE before torch loads, so torch's OpenMP threads sleep instead of
+spinning while they wait for each other. With libgomp's default a batch-1 forward pass on 2 threads took
+1.1-1.3 s instead of 13-30 ms on a 2-core machine that other processes also used (load 2-4), which made
+the PyTorch column meaningless and the run hours long; on an idle machine spinning is ~1.2-2x faster.
 """
 from __future__ import annotations
 
@@ -211,6 +212,24 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     return rep
 
 
+def set_omp_policy(mode: str, threads: int) -> None:
+    """Set OMP_WAIT_POLICY for torch's OpenMP pool before torch loads (libgomp reads it only then).
+
+    'auto': PASSIVE when fewer cores are idle than `threads` (1-minute load average), else libgomp's
+    default; an OMP_WAIT_POLICY already in the environment always wins.
+    """
+    from benchmarks.machine import load_average, usable_cores
+
+    if mode == "active" or "OMP_WAIT_POLICY" in os.environ:
+        return
+    load = load_average()
+    if mode == "auto" and (load is None or usable_cores() - load[0] + 0.5 >= threads):
+        return
+    if "torch" in sys.modules:
+        print("warning: OMP_WAIT_POLICY=PASSIVE has no effect, torch is already imported", file=sys.stderr)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", nargs="+", default=None, help="model YAMLs (default: every detector in models/)")
@@ -222,18 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--detect-cfg", default=None, help="YAML for the detect path (default mobilenetv3-small-yolo)")
     p.add_argument("--detect-weights", default=None, help="trained weights for the detect path (default random)")
     p.add_argument("--no-malloc-tune", action="store_true", help="measure with glibc's default allocator settings")
-    p.add_argument("--omp-active", action="store_true",
-                   help="keep libgomp's spin-waiting (default here: OMP_WAIT_POLICY=PASSIVE, see above)")
+    p.add_argument("--omp", choices=("auto", "active", "passive"), default="auto",
+                   help="OMP_WAIT_POLICY for torch (auto: PASSIVE when the machine is busy at start, see above)")
     p.add_argument("--ort-spin", choices=("auto", "on", "off"), default="auto",
                    help="ONNX Runtime spin-waiting in the latency table (auto: off on a busy machine, as detect.py)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     a = p.parse_args(argv)
     if a.runs < 1 or a.threads < 1 or any(s < 32 or s % 32 for s in a.imgsz):
         p.error("--runs and --threads must be >= 1; --imgsz values multiples of 32")
-    if not a.omp_active and "OMP_WAIT_POLICY" not in os.environ:
-        if "torch" in sys.modules:  # libgomp reads its settings once, when torch loads it
-            print("warning: OMP_WAIT_POLICY=PASSIVE has no effect, torch is already imported", file=sys.stderr)
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    set_omp_policy(a.omp, a.threads)
     cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
         not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin])

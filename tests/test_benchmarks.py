@@ -166,3 +166,19 @@ def test_fast_decode_equals_the_traceable_one():
     grad_maps = [m.clone().requires_grad_(True) for m in maps]
     decode(grad_maps, anchors, strides).sum().backward()
     assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in grad_maps)
+
+
+def test_omp_policy_follows_the_load(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "load_average", lambda: (0.2, 0.2, 0.2))
+    bench.set_omp_policy("auto", 2)
+    assert "OMP_WAIT_POLICY" not in os.environ  # idle: keep libgomp's spinning
+    monkeypatch.setattr(machine, "load_average", lambda: (3.0, 3.0, 3.0))
+    bench.set_omp_policy("active", 2)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    bench.set_omp_policy("auto", 2)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting wins
+    bench.set_omp_policy("passive", 2)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -30,7 +30,7 @@ from utils.data.letterbox import letterbox
 from utils.detect_outputs import ResultWriter
 from utils.nms import non_max_suppression
 from utils.paths import ROOT, increment_path
-from utils.sources import Frame, LoadSource, SourceError
+from utils.sources import LoadSource, SourceError
 
 LOGGER = logging.getLogger("mobileyolo.detect")
 DEFAULT_SOURCE = ROOT / "data" / "bccd" / "images" / "val"

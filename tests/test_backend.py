@@ -18,15 +18,6 @@ from utils.exporters import export_onnx, export_torchscript
 NAMES = ["red", "green"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box is small and shared: one intra-op thread avoids OpenMP spin-waiting on busy cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny checkpoint and its ONNX (static, batch 1, 64x64) and TorchScript exports."""

@@ -20,14 +20,6 @@ from utils import backend
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def tiny_yaml(tmp_path):
     f = tmp_path / "tiny-yolo.yaml"

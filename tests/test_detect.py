@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 import detect
 from tests.backend_helpers import make_checkpoint, make_images, make_video
@@ -18,15 +17,6 @@ from utils.sources import LoadSource, SourceError, resolve_source, stream_name
 
 NAMES = ["cell", "blob"]
 COMMON = {"imgsz": 64, "conf_thres": 0.25, "max_det": 4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box is small and shared: one intra-op thread avoids OpenMP spin-waiting on busy cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

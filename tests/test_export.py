@@ -19,15 +19,6 @@ DETECTOR_YAMLS = sorted(p.name for p in MODELS.glob("*.yaml")
                         if (yaml.safe_load(p.read_text()) or {}).get("head", [[None] * 3])[-1][2] == "Detect")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box is small and shared: one intra-op thread avoids OpenMP spin-waiting on busy cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_detector_yamls_found():
     assert len(DETECTOR_YAMLS) >= 5, DETECTOR_YAMLS  # yolov5n/s, MobileNetV3 large/small, ShuffleNetV2
 

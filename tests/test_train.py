@@ -16,15 +16,6 @@ from utils.data.synthetic import make_synthetic_dataset
 from utils.results import RESULT_COLUMNS, read_results
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and a loaded 2-core machine makes OpenMP barriers crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")

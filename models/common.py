@@ -78,8 +78,18 @@ def _yolo_c2(c2: Any, width: float) -> int:
     return ceil8(c2 * width)
 
 
+class YoloBlock(Block):
+    """YOLOv5's channel rule, shared by its blocks: args `[c2, ...]` with one input; `c2` scales by
+    `width_multiple` and rounds up to a multiple of 8, the rest of the args pass through unchanged."""
+
+    @classmethod
+    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
+        c2 = _yolo_c2(args[0], width)
+        return [cls.one_input(c_in), c2, *args[1:]], c2
+
+
 @register("Conv")
-class Conv(ConvBNAct, Block):
+class Conv(ConvBNAct, YoloBlock):
     """YOLOv5 Conv: args `[c2, k=1, s=1, p=None, g=1, act=True]` (SiLU by default)."""
 
     yaml_args = (1, 6)
@@ -88,14 +98,9 @@ class Conv(ConvBNAct, Block):
                  act: bool | str = True) -> None:
         super().__init__(c1, c2, k, s, p, g, act)
 
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2
-
 
 @register("DWConv")
-class DWConv(ConvBNAct, Block):
+class DWConv(ConvBNAct, YoloBlock):
     """Depthwise (grouped by gcd(c1, c2)) conv-BN-act: args `[c2, k=1, s=1, act=True]`."""
 
     yaml_args = (1, 4)
@@ -103,14 +108,9 @@ class DWConv(ConvBNAct, Block):
     def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, act: bool | str = True) -> None:
         super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), act=act)
 
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2
-
 
 @register("DWSConv", "DepthwiseSeparableConv")
-class DWSConv(Block):
+class DWSConv(YoloBlock):
     """Depthwise k x k (stride s) then pointwise 1x1, each conv-BN-act: args `[c2, k=3, s=1, act=True]`.
 
     Roughly k*k/c2 + 1 / (k*k) the cost of a dense conv, which is why the light necks use it.
@@ -126,14 +126,9 @@ class DWSConv(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pw(self.dw(x))
 
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2
-
 
 @register("Bottleneck")
-class Bottleneck(Block):
+class Bottleneck(YoloBlock):
     """1x1 then 3x3 conv, residual when `shortcut` and c1 == c2: args `[c2, shortcut=True, g=1, e=0.5]`."""
 
     yaml_args = (1, 4)
@@ -149,14 +144,9 @@ class Bottleneck(Block):
         y = self.cv2(self.cv1(x))
         return x + y if self.add else y
 
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2
-
 
 @register("C3")
-class C3(Block):
+class C3(YoloBlock):
     """CSP block: two 1x1 branches, `n` Bottlenecks on one, concat, 1x1.
 
     YAML args `[c2, shortcut=True, g=1, e=0.5]`; the row's number (depth-scaled) becomes `n`.
@@ -177,14 +167,9 @@ class C3(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2  # parser inserts n at index 2
-
 
 @register("SPPF")
-class SPPF(Block):
+class SPPF(YoloBlock):
     """Spatial pyramid pooling, fast: three chained k x k max-pools concatenated: args `[c2, k=5]`."""
 
     yaml_args = (1, 2)
@@ -202,11 +187,6 @@ class SPPF(Block):
         y1 = self.m(x)
         y2 = self.m(y1)
         return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
-
-    @classmethod
-    def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:
-        c2 = _yolo_c2(args[0], width)
-        return [cls.one_input(c_in), c2, *args[1:]], c2
 
 
 @register("Concat")

@@ -196,7 +196,7 @@ def _load_model(weights: str | Path, device: torch.device):
     """A `DetectBackend` for .pt/.torchscript/.onnx (decoded output), moved to `device` when it is torch."""
     from utils.backend import DetectBackend
 
-    backend = DetectBackend(weights)
+    backend = DetectBackend(weights, pack=device.type == "cpu")  # packed convs are CPU-only
     if device.type != "cpu":
         if backend.fmt != "pt":
             raise ValueError(f"{weights}: {backend.fmt} weights run on CPU only; use --device cpu")

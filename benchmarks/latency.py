@@ -101,7 +101,8 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     result: dict[tuple[str, str, int], float] = {}
     spins = set() if spins is None else spins
     for s in sizes:
-        x = torch.rand(1, 3, s, s)
+        # detect.py hands the backend a channels_last view of the letterboxed image (detect.to_tensor)
+        x = torch.rand(1, s, s, 3).permute(0, 3, 1, 2)
         fns: dict[str, Callable[[], object]] = {}
         for p in prepared:
             files = {"pt": p.pt, "onnx": p.onnx.get(s)}

@@ -215,16 +215,21 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
 def set_omp_policy(mode: str, threads: int) -> None:
     """Set OMP_WAIT_POLICY for torch's OpenMP pool before torch loads (libgomp reads it only then).
 
-    'auto': PASSIVE when fewer cores are idle than `threads` (1-minute load average), else libgomp's
-    default; an OMP_WAIT_POLICY already in the environment always wins.
+    'auto': PASSIVE when fewer CPUs are idle than `threads` (sampled for half a second from /proc/stat,
+    else from the 1-minute load average), else libgomp's default; an OMP_WAIT_POLICY already in the
+    environment always wins.
     """
-    from benchmarks.machine import load_average, usable_cores
+    from benchmarks.machine import idle_cpus, load_average, usable_cores
 
     if mode == "active" or "OMP_WAIT_POLICY" in os.environ:
         return
-    load = load_average()
-    if mode == "auto" and (load is None or usable_cores() - load[0] + 0.5 >= threads):
-        return
+    if mode == "auto":
+        idle = idle_cpus()
+        if idle is None:
+            load = load_average()
+            idle = None if load is None else usable_cores() - load[0]
+        if idle is None or idle + 0.5 >= threads:
+            return
     if "torch" in sys.modules:
         print("warning: OMP_WAIT_POLICY=PASSIVE has no effect, torch is already imported", file=sys.stderr)
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

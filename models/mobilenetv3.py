@@ -67,8 +67,11 @@ class SELayer(Block):
         self.fc2 = nn.Conv2d(squeeze, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * self.gate(F.adaptive_avg_pool2d(x, 1))
+
+    def gate(self, s: torch.Tensor) -> torch.Tensor:
+        """Pooled `[B, C, 1, 1]` -> channel weights `[B, C, 1, 1]` in 0..1."""
+        return F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
 
     @classmethod
     def channels(cls, c_in: list[int], args: list[Any], width: float) -> tuple[list[Any], int]:

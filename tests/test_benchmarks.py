@@ -163,6 +163,7 @@ def test_fast_decode_equals_the_traceable_one():
 def test_omp_policy_follows_the_load(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: None)  # no /proc/stat: load average
     monkeypatch.setattr(machine, "load_average", lambda: (0.2, 0.2, 0.2))
     bench.set_omp_policy("auto", 2)
     assert "OMP_WAIT_POLICY" not in os.environ  # idle: keep libgomp's spinning
@@ -174,3 +175,28 @@ def test_omp_policy_follows_the_load(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting wins
     bench.set_omp_policy("passive", 2)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_omp_policy_prefers_the_sampled_idle_cpus(monkeypatch):
+    """A load average still high from the previous job must not make an idle machine look busy."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(machine, "load_average", lambda: (1.4, 1.0, 0.5))
+    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: 1.97)
+    bench.set_omp_policy("auto", 2)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: 0.6)  # another process holds a core
+    bench.set_omp_policy("auto", 2)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_idle_cpus_reads_proc_stat(monkeypatch):
+    """Idle share of the jiffies between two /proc/stat reads, times the usable cores."""
+    reads = iter([(100, 400), (150, 500)])  # 50 of 100 jiffies idle
+    monkeypatch.setattr(machine, "_cpu_times", lambda: next(reads))
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    assert machine.idle_cpus(0.0) == pytest.approx(1.0)
+    monkeypatch.setattr(machine, "_cpu_times", lambda: None)
+    assert machine.idle_cpus(0.0) is None
+    monkeypatch.undo()
+    if Path("/proc/stat").exists():  # the real file: a share of this machine's cores
+        assert 0.0 <= machine.idle_cpus(0.05) <= machine.usable_cores()

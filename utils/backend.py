@@ -157,10 +157,12 @@ class DetectBackend:
     most `idle_cores()`, see `_torch_threads`). `spin`: whether ONNX Runtime's threads spin-wait
     between ops (None: only while `idle_cores()` covers its threads, i.e. not on a busy machine).
     `malloc`: apply `tune_malloc()` (process-wide glibc allocator settings that speed up inference).
+    `pack` (.pt with `fuse`): run convs as packed oneDNN conv+activation calls (`utils.packed_conv`;
+    CPU only: pass False to move `model` to a GPU afterwards). `packed` says how many were swapped.
     """
 
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
-                 malloc: bool = True, spin: bool | None = None) -> None:
+                 malloc: bool = True, spin: bool | None = None, pack: bool = True) -> None:
         self.spin = spin
         if malloc:
             tune_malloc()
@@ -174,7 +176,7 @@ class DetectBackend:
         self.batch: int | None = None
         self.dynamic = True
         if suffix in PT_SUFFIXES:
-            self._load_pt(fuse)
+            self._load_pt(fuse, pack)
         elif suffix in TS_SUFFIXES:
             self._load_torchscript()
         elif suffix in ONNX_SUFFIXES:
@@ -185,7 +187,7 @@ class DetectBackend:
         self.nc = len(self.names)
 
     # ---- loaders -------------------------------------------------------------------------------
-    def _load_pt(self, fuse: bool) -> None:
+    def _load_pt(self, fuse: bool, pack: bool) -> None:
         from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
         from utils.decode import Decoder
 
@@ -211,6 +213,13 @@ class DetectBackend:
         args = ckpt.get("args") or {}
         size = args.get("imgsz", 320) if isinstance(args, dict) else 320
         self.imgsz = _as_hw(size)
+        self.packed = 0  # convs running as one oneDNN conv+activation call (utils/packed_conv.py)
+        if fuse and pack:
+            from utils.packed_conv import pack_convs
+
+            example = torch.zeros(1, 3, *self.imgsz).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                self.packed = pack_convs(model, example)
 
     def _load_torchscript(self) -> None:
         extra = {METADATA_FILE: ""}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from utils.backend import METADATA_FILE
+from utils.onnx_layout import sigmoid_first, static_se
 
 LOGGER = logging.getLogger("mobileyolo.export")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -35,7 +36,8 @@ def export_onnx(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metadata
     """Export `wrapper` (input `im` [b, 3, h, w]) to ONNX at `file` and return the path.
 
     With `dynamic`, batch, height and width are symbolic (`batch`, `height`, `width`); otherwise the
-    graph is fixed to `im`'s shape. `simplify` runs onnxsim when installed (warns and skips when not).
+    graph is fixed to `im`'s shape (and squeeze-excite exports in ONNX Runtime's fast layout, see
+    `utils.onnx_layout`). `simplify` runs onnxsim when installed (warns and skips when not).
     The graph is checked with `onnx.checker` before it is moved into place.
     """
     import onnx
@@ -51,10 +53,13 @@ def export_onnx(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metadata
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(wrapper.eval(), (im,), str(tmp), opset_version=int(opset), dynamo=False,
+            # a fixed-size graph can carry the NCHWc-friendly SE form (utils/onnx_layout.py)
+            module = wrapper if dynamic else static_se(wrapper)
+            torch.onnx.export(module.eval(), (im,), str(tmp), opset_version=int(opset), dynamo=False,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=axes if dynamic else None, do_constant_folding=True)
         model = onnx.load(str(tmp))
+        sigmoid_first(model)
         if simplify:
             model = _simplify(model)
         del model.metadata_props[:]

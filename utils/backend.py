@@ -157,8 +157,9 @@ class DetectBackend:
     most `idle_cores()`, see `_torch_threads`). `spin`: whether ONNX Runtime's threads spin-wait
     between ops (None: only while `idle_cores()` covers its threads, i.e. not on a busy machine).
     `malloc`: apply `tune_malloc()` (process-wide glibc allocator settings that speed up inference).
-    `pack` (.pt with `fuse`): run convs as packed oneDNN conv+activation calls (`utils.packed_conv`;
-    CPU only: pass False to move `model` to a GPU afterwards). `packed` says how many were swapped.
+    `pack` (.pt with `fuse`): on the first CPU call, swap the convs for oneDNN conv+activation calls
+    with weights packed for that call's input shape (`utils.packed_conv`; other shapes still work,
+    at some cost); `packed` then says how many were swapped. Pass False to move `model` to a GPU.
     """
 
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
@@ -214,12 +215,7 @@ class DetectBackend:
         size = args.get("imgsz", 320) if isinstance(args, dict) else 320
         self.imgsz = _as_hw(size)
         self.packed = 0  # convs running as one oneDNN conv+activation call (utils/packed_conv.py)
-        if fuse and pack:
-            from utils.packed_conv import pack_convs
-
-            example = torch.zeros(1, 3, *self.imgsz).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                self.packed = pack_convs(model, example)
+        self._pack_on_first_call = fuse and pack  # packed for the first input's shape (warmup's, in detect.py)
 
     def _load_torchscript(self) -> None:
         extra = {METADATA_FILE: ""}
@@ -299,9 +295,15 @@ class DetectBackend:
             from utils.decode import decode
 
             model = self.model.model
-            x = x.to(next(model.parameters()).device)  # val.py may move the model to a GPU
+            x = x.to(model.detect.anchors.device)  # val.py may move the model to a GPU
+            x = x.contiguous(memory_format=torch.channels_last)  # no-op for detect.to_tensor's x
             with torch.inference_mode():
-                maps = model(x.contiguous(memory_format=torch.channels_last))  # no-op for detect.to_tensor's x
+                if self._pack_on_first_call and x.device.type == "cpu":
+                    from utils.packed_conv import pack_convs
+
+                    self._pack_on_first_call = False
+                    self.packed = pack_convs(model, x)
+                maps = model(x)
             with torch.no_grad():  # decoding outside inference mode gives a normal tensor without a copy
                 return decode(maps, model.detect.anchors, model.detect.stride)
         with torch.inference_mode():

@@ -5,8 +5,9 @@ pass over the output), and oneDNN reorders the weights into its blocked layout o
 batch-1 detection those per-call costs are a large part of a small model's time. `pack_convs`
 swaps each fused conv for `PackedConvAct`, which calls PyTorch's own oneDNN conv-with-post-op kernel
 (`torch.ops.mkldnn._convolution_pointwise`, the kernel torch.compile's CPU backend emits) on weights
-reordered once. Measured with benchmarks/run.py on the 2-core machine: ~15% less batch-1 latency for
-MobileNetV3-Small-YOLO, ~10% for yolov5n (see README, Benchmarks).
+reordered once. Measured on the 2-core machine (batch 1, 320, 2 threads, three interleaved A/B runs):
+8-9% less latency for MobileNetV3-Small-YOLO, 11-15% for yolov5n. Small gains less because its time
+is mostly per-op overhead, not conv arithmetic (README, Benchmarks).
 
 These ops are internal to PyTorch, so everything here degrades to the plain eager path: if they are
 missing, fail on a probe, or the model is not a float32 CPU model, nothing is swapped.
@@ -58,33 +59,38 @@ def available() -> bool:
 
 @torch.no_grad()
 def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
-    """Swap every BN-fused `ConvBNAct` in `model` (eval, CPU, float32) for `PackedConvAct`; returns how many.
+    """Swap the convs of `model` (eval, BN folded, CPU, float32) for `PackedConvAct`; returns how many.
 
-    `example` ([B, 3, H, W]) is run once to learn each conv's input size. A conv whose activation has
-    no oneDNN post-op keeps the eager path. The result is checked against the eager output on
-    `example`; on any mismatch or error the model is restored and 0 returned.
+    Each BN-fused `ConvBNAct` becomes one packed conv with its activation as the post-op; one whose
+    activation has no oneDNN post-op keeps the eager path, and so do plain convs (squeeze-excite's
+    1x1s on 1x1 maps, Detect's heads): packing those too made MobileNetV3-Small ~5% slower here.
+    `example` ([B, 3, H, W]) is run once to learn each conv's input size. The result is checked
+    against the eager output on `example`; on any mismatch or error the model is restored and 0
+    returned.
     """
     from models.common import ConvBNAct
 
     if not available() or example.device.type != "cpu" or any(
             p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return 0
-    todo = [m for m in model.modules() if isinstance(m, ConvBNAct) and isinstance(m.bn, nn.Identity)
-            and type(m.act) in POST_OPS and isinstance(m.conv, nn.Conv2d) and m.conv.bias is not None]
+    swaps = [m for m in model.modules() if isinstance(m, ConvBNAct) and isinstance(m.bn, nn.Identity)
+             and type(m.act) in POST_OPS and isinstance(m.conv, nn.Conv2d) and m.conv.bias is not None
+             and m.conv.padding_mode == "zeros" and not isinstance(m.conv.padding, str)]
     sizes: dict[nn.Module, list[int]] = {}
+
     def record(mod: nn.Module, inp: tuple) -> None:  # a pre-hook that returned a value would replace the input
         sizes.setdefault(mod, list(inp[0].shape))
 
-    hooks = [m.register_forward_pre_hook(record) for m in todo]
+    hooks = [m.conv.register_forward_pre_hook(record) for m in swaps]
     try:
         ref = model(example)
     finally:
         for h in hooks:
             h.remove()
-    saved = [(m, m.conv, m.act) for m in todo if m in sizes]
+    saved = [(m, m.conv, m.act) for m in swaps if m.conv in sizes]  # convs the example never reached stay
     try:
         for m, conv, act in saved:
-            m.conv, m.act = PackedConvAct(conv, POST_OPS[type(act)], sizes[m]), nn.Identity()
+            m.conv, m.act = PackedConvAct(conv, POST_OPS[type(act)], sizes[conv]), nn.Identity()
         out = model(example)
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(_flat(ref), _flat(out)))
         if not ok:

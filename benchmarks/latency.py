@@ -73,17 +73,25 @@ def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | No
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
-                        desc: str = "timing") -> dict[str, float]:
-    """Median milliseconds per callable; each round calls every callable once, in turn."""
+                        desc: str = "timing", block: int = 5) -> dict[str, float]:
+    """Median milliseconds per callable over at least `runs` calls each.
+
+    Each round calls every callable `block` times in a row, callables in turn: rounds spread a slow
+    spell of the machine over all of them, and blocks keep the threads that the previous callable
+    left spinning (libgomp's and ONNX Runtime's pools both spin for a while after their work) from
+    slowing more than the first call of a block, which the median then discards.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    block = max(1, min(block, runs))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in tqdm(range(runs), desc=desc, leave=False):
+    for _ in tqdm(range(-(-runs // block)), desc=desc, leave=False):
         for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

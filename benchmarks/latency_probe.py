@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
@@ -28,17 +25,11 @@ from models.yolo import Model  # noqa: E402
 
 
 def _interleaved_medians(fns: list[Callable[[], object]], runs: int, warmup: int = 5) -> list[float]:
-    """Median ms per callable, timing them round-robin so load changes hit all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in tqdm(range(runs), desc="timing", leave=False):
-        for k, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
+    """Median ms per callable, timed in interleaved rounds (see `benchmarks.latency.interleaved_medians`)."""
+    from benchmarks.latency import interleaved_medians
+
+    medians = interleaved_medians({str(i): fn for i, fn in enumerate(fns)}, runs, warmup)
+    return [medians[str(i)] for i in range(len(fns))]
 
 
 def torch_fn(model: Model, imgsz: int) -> Callable[[], object]:

@@ -73,12 +73,14 @@ def detector_yamls(folder: Path = ROOT / "models") -> list[Path]:
     return out
 
 
-def train_figures(cfgs: list[Path], threads: int, steps: int) -> dict[str, dict]:
-    """{cfg stem: train_speed row} at 320 batch 16 (benchmarks/train_speed.py, subprocess per model)."""
+def train_figures(cfgs: list[Path], threads: int, steps: int, rounds: int = 2) -> dict[str, dict]:
+    """{cfg stem: train_speed row} at 320 batch 16 (benchmarks/train_speed.py, subprocess per model,
+    `rounds` rounds over all models, step times pooled)."""
     from benchmarks import train_speed
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its own table; ours carries the figures
-        rows = train_speed.run([str(c) for c in cfgs], imgsz=320, batch=16, steps=steps, warmup=2, threads=threads)
+        rows = train_speed.run([str(c) for c in cfgs], imgsz=320, batch=16, steps=steps, warmup=2, threads=threads,
+                               rounds=rounds)
     return {Path(r["cfg"]).stem: r for r in rows}
 
 
@@ -143,7 +145,8 @@ def markdown(rep: Report) -> str:
              f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed round-robin. "
              f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
-             f"data, 320 px, batch 16, no data loading; peak RSS of the training process.", "",
+             f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "
+             f"once per round, in turn); peak RSS of the training process.", "",
              table(rep), ""]
     for d in rep.detect:
         parts += [detect_md(d), ""]
@@ -156,7 +159,8 @@ def markdown(rep: Report) -> str:
 def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int] = (320, 640), runs: int = 30,
         threads: int = 2, skip_train: bool = False, train_steps: int = 5, detect_cfg: str | Path | None = None,
         detect_weights: str | Path | None = None, malloc_tune: bool = True, out: str | Path | None = None,
-        detect_source: str | Path | None = None, command: str | None = None, ort_spin: bool | None = None) -> Report:
+        detect_source: str | Path | None = None, command: str | None = None, ort_spin: bool | None = None,
+        train_rounds: int = 2) -> Report:
     """Measure, print and (with `out`) write the report; returns it. See the module docstring."""
     import torch
 
@@ -187,7 +191,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
                          "onnx": {s: ms.get((stem, "onnx", s)) for s in sizes}})
     if not skip_train:
         try:
-            train = train_figures(cfgs, threads, train_steps)
+            train = train_figures(cfgs, threads, train_steps, train_rounds)
         except Exception as e:  # another part's script: report and keep the other figures
             print(f"warning: training figures failed ({type(e).__name__}: {e}); column left empty", file=sys.stderr)
             train = {}
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=30, help="timed runs per latency figure (after 5 warm-up)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads, PyTorch and ONNX Runtime")
     p.add_argument("--skip-train", action="store_true", help="no training column")
-    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per model")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per model and round")
+    p.add_argument("--train-rounds", type=int, default=2, help="rounds over all models for the training column")
     p.add_argument("--detect-cfg", default=None, help="YAML for the detect path (default mobilenetv3-small-yolo)")
     p.add_argument("--detect-weights", default=None, help="trained weights for the detect path (default random)")
     p.add_argument("--no-malloc-tune", action="store_true", help="measure with glibc's default allocator settings")
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     set_omp_policy(a.omp, a.threads)
     cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
-        not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin])
+        not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin],
+        train_rounds=a.train_rounds)
 
 
 if __name__ == "__main__":

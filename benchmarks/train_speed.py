@@ -84,24 +84,39 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]  # median: robust to a noisy, shared machine
     return {"cfg": Path(cfg).name, "params": sum(p.numel() for p in model.parameters()) / 1e6,
-            "img_s": batch / step, "step_ms": step * 1e3, "peak_rss_mb": _peak_rss_mb()}
+            "img_s": batch / step, "step_ms": step * 1e3, "peak_rss_mb": _peak_rss_mb(), "batch": batch,
+            "steps_ms": [t * 1e3 for t in times]}
 
 
 def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2,
-        threads: int = 0) -> list[dict]:
-    """Measure each YAML in a fresh subprocess and print the markdown table; return the rows."""
+        threads: int = 0, rounds: int = 1) -> list[dict]:
+    """Measure each YAML in a fresh subprocess and print the markdown table; return the rows.
+
+    With `rounds` > 1 every model is measured once per round, models in turn, and a row pools the
+    step times of all its rounds (median) and keeps the highest peak RSS: a slow spell of the machine
+    then hits every model instead of the one that happened to be running.
+    """
     if not cfgs:
         cfgs = [str(p) for p in sorted((ROOT / "models").glob("*.yaml")) if is_detector_yaml(p)]
+    pooled: dict[str, dict] = {}
+    for r in range(max(1, rounds)):
+        for cfg in cfgs:
+            cmd = [sys.executable, __file__, "--one", cfg, "--imgsz", str(imgsz), "--batch", str(batch),
+                   "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{cfg}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            if cfg in pooled:
+                row["steps_ms"] = pooled[cfg]["steps_ms"] + row["steps_ms"]
+                row["peak_rss_mb"] = max(row["peak_rss_mb"], pooled[cfg]["peak_rss_mb"])
+            pooled[cfg] = row
+            print(f"done {Path(cfg).name} (round {r + 1}/{max(1, rounds)})", file=sys.stderr)
     rows = []
-    for cfg in cfgs:
-        cmd = [sys.executable, __file__, "--one", cfg, "--imgsz", str(imgsz), "--batch", str(batch),
-               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{cfg}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"done {Path(cfg).name}", file=sys.stderr)
+    for row in pooled.values():
+        step = sorted(row["steps_ms"])[len(row["steps_ms"]) // 2]
+        rows.append({**row, "step_ms": step, "img_s": batch / step * 1e3})
     import torch
 
     print(f"\nTraining speed, CPU, nc=3, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
@@ -121,12 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--rounds", type=int, default=1, help="measure every model this many times, in turn")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one YAML, print JSON
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(measure(a.one, a.imgsz, a.batch, a.steps, a.warmup, a.threads)))
         return
-    run(a.cfg, a.imgsz, a.batch, a.steps, a.warmup, a.threads)
+    run(a.cfg, a.imgsz, a.batch, a.steps, a.warmup, a.threads, a.rounds)
 
 
 if __name__ == "__main__":

@@ -200,3 +200,16 @@ def test_idle_cpus_reads_proc_stat(monkeypatch):
     monkeypatch.undo()
     if Path("/proc/stat").exists():  # the real file: a share of this machine's cores
         assert 0.0 <= machine.idle_cpus(0.05) <= machine.usable_cores()
+
+
+def test_interleaved_medians_time_blocks_in_rounds():
+    from benchmarks.latency import interleaved_medians
+
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
+    out = interleaved_medians(fns, runs=3, warmup=1, block=2)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up, then 2 rounds of 2-call blocks
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    order.clear()
+    interleaved_medians(fns, runs=2, warmup=0, block=1)  # block 1: plain round-robin
+    assert order == ["a", "b", "a", "b"]

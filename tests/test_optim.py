@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, build_scheduler, freeze_layers, lr_lambda,

@@ -114,3 +114,33 @@ def test_train_speed_benchmark_measures_tiny_model(tmp_path):
     cls = tmp_path / "cls.yaml"
     cls.write_text(yaml.safe_dump({"nc": 2, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", ["nc"]]]}))
     assert not train_speed.is_detector_yaml(cls)
+
+
+def test_train_speed_rounds_pool_step_times(monkeypatch, capsys):
+    """Each round measures every model in turn; a row's figure is the median of all its steps."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_speed
+
+    calls = []
+    steps = {"a.yaml": [[100.0, 110.0], [300.0, 120.0]], "b.yaml": [[200.0, 210.0], [190.0, 205.0]]}
+
+    def fake_run(cmd, capture_output, text):
+        cfg = cmd[cmd.index("--one") + 1]
+        calls.append(cfg)
+        times = steps[cfg].pop(0)
+        row = {"cfg": cfg, "params": 1.0, "img_s": 0.0, "step_ms": 0.0, "peak_rss_mb": 100.0 + len(calls),
+               "batch": 4, "steps_ms": times}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(train_speed.subprocess, "run", fake_run)
+    rows = {r["cfg"]: r for r in train_speed.run(["a.yaml", "b.yaml"], batch=4, steps=2, rounds=2)}
+    assert calls == ["a.yaml", "b.yaml", "a.yaml", "b.yaml"]  # models in turn, round after round
+    assert rows["a.yaml"]["step_ms"] == 120.0  # median of 100, 110, 300, 120 (upper middle)
+    assert rows["a.yaml"]["img_s"] == 4 / 120.0 * 1e3
+    assert rows["b.yaml"]["peak_rss_mb"] == 104.0  # the highest of its rounds
+    assert "| a.yaml |" in capsys.readouterr().out

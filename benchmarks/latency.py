@@ -72,36 +72,60 @@ def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | No
     return out
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
-                        desc: str = "timing", block: int = 5) -> dict[str, float]:
-    """Median milliseconds per callable over at least `runs` calls each.
+def interleaved_rounds(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
+                       desc: str = "timing", block: int = 5) -> dict[str, list[list[float]]]:
+    """Milliseconds per callable and round: `{name: [[ms, ...] per round]}`, at least `runs` calls each.
 
     Each round calls every callable `block` times in a row, callables in turn: rounds spread a slow
-    spell of the machine over all of them, and blocks keep the threads that the previous callable
-    left spinning (libgomp's and ONNX Runtime's pools both spin for a while after their work) from
-    slowing more than the first call of a block, which the median then discards.
+    spell of the machine over all of them (and let callers pair callables round by round), and blocks
+    keep the threads that the previous callable left spinning (libgomp's and ONNX Runtime's pools
+    both spin for a while after their work) from slowing more than the first call of a block.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     block = max(1, min(block, runs))
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict[str, list[list[float]]] = {k: [] for k in fns}
     for _ in tqdm(range(-(-runs // block)), desc=desc, leave=False):
         for k, fn in fns.items():
+            got = []
             for _ in range(block):
                 t = time.perf_counter()
                 fn()
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                got.append((time.perf_counter() - t) * 1e3)
+            times[k].append(got)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
+                        desc: str = "timing", block: int = 5) -> dict[str, float]:
+    """Median milliseconds per callable over all its calls in `interleaved_rounds`."""
+    rounds = interleaved_rounds(fns, runs, warmup, desc, block)
+    return {k: statistics.median(t for r in v for t in r) for k, v in rounds.items()}
+
+
+def paired_ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile over rounds of (median of `a`'s block / median of `b`'s block).
+
+    Both callables ran in the same rounds, so each round's ratio compares them under the same machine
+    load; its spread says how firmly a run supports a verdict on the ratio.
+    """
+    if not a or len(a) != len(b):
+        raise ValueError(f"paired_ratio: need the same non-zero number of rounds, got {len(a)} and {len(b)}")
+    r = sorted(statistics.median(x) / statistics.median(y) for x, y in zip(a, b))
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+    return statistics.median(r), q[0], q[2]
 
 
 def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
              warmup: int = 5, malloc: bool = True, spin: bool | None = None,
-             spins: set[bool] | None = None) -> dict[tuple[str, str, int], float]:
+             spins: set[bool] | None = None,
+             rounds: dict[tuple[str, str, int], list[list[float]]] | None = None) -> dict[tuple[str, str, int], float]:
     """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported).
 
     `malloc` and `spin` are passed to `DetectBackend` (allocator tuning; ONNX Runtime spin-waiting,
-    None = its busy-machine rule); `spins`, when given, collects what the ONNX sessions decided.
+    None = its busy-machine rule); `spins`, when given, collects what the ONNX sessions decided;
+    `rounds`, when given, receives the per-round times (`interleaved_rounds`) under the same keys.
     """
     from utils.backend import DetectBackend
 
@@ -120,7 +144,9 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
                     if fmt == "onnx":
                         spins.add(bool(b.spin))
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
-        for k, ms in interleaved_medians(fns, runs, warmup, desc=f"latency {s}").items():
+        for k, times in interleaved_rounds(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")
-            result[(stem, fmt, s)] = ms
+            result[(stem, fmt, s)] = statistics.median(t for r in times for t in r)
+            if rounds is not None:
+                rounds[(stem, fmt, s)] = times
     return result

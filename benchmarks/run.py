@@ -11,8 +11,9 @@ batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model).
 per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
 and the issue's targets as ratios measured within this one run, each marked met or missed.
 
-Latency timings interleave all (model, format) pairs round-robin so load changes hit them alike: on a
-shared machine absolute milliseconds drift, the ratios much less. The process applies glibc allocator
+Latency timings interleave all (model, format) pairs in rounds (5 calls each per round) so load changes
+hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The target
+ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
 settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
 subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
 (fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment
@@ -55,6 +56,7 @@ class Report:
     runs: int
     threads: int
     rows: list[dict] = field(default_factory=list)  # per model: cfg, params, gflops{s}, pt{s}, onnx{s}, train
+    rounds: dict = field(default_factory=dict)  # (cfg stem, format, size) -> per-round latency ms
     detect: list = field(default_factory=list)  # detect_path.PathResult per format
     seconds: float = 0.0
     command: str = "python benchmarks/run.py"
@@ -97,15 +99,25 @@ def ratio(rows: list[dict], key: str, size: int) -> float | None:
 
 
 def target_lines(rep: Report) -> list[str]:
-    """One line per target: measured ratio, bound, met/missed (or not measured)."""
+    """One line per target: measured ratio, bound, met/missed (or not measured).
+
+    Latency ratios are the median over rounds of the per-round ratio (`latency.paired_ratio`), with
+    their interquartile range; the training ratio is that of the pooled medians.
+    """
+    from benchmarks.latency import paired_ratio
+
     lines = []
     for name, key, size, kind, bound in TARGETS:
-        r = ratio(rep.rows, key, size)
+        r, spread = ratio(rep.rows, key, size), ""
+        a, b = rep.rounds.get((SMALL, key, size)), rep.rounds.get((NANO, key, size))
+        if a and b:
+            r, lo, hi = paired_ratio(a, b)
+            spread = f", rounds' IQR {lo:.2f}-{hi:.2f} over {len(a)} rounds"
         if r is None:
             lines.append(f"- {name}: not measured in this run")
             continue
         met = r <= bound if kind == "max" else r >= bound
-        lines.append(f"- {name}: **{r:.2f}x** (target {'<=' if kind == 'max' else '>='} {bound}x): "
+        lines.append(f"- {name}: **{r:.2f}x** (target {'<=' if kind == 'max' else '>='} {bound}x{spread}): "
                      f"{'met' if met else 'MISSED'}")
     from benchmarks.detect_path import CHECKED
 
@@ -142,7 +154,8 @@ def markdown(rep: Report) -> str:
     from benchmarks.machine import markdown as machine_md
 
     parts = ["## Benchmarks", "", f"Batch-1 latency: median of {rep.runs} runs after 5 warm-up runs, "
-             f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed round-robin. "
+             f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed in interleaved "
+             f"rounds of 5 calls each. "
              f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
              f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "
@@ -183,7 +196,8 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     with tempfile.TemporaryDirectory() as d:
         prepared = latency.prepare(cfgs, sizes, Path(d), threads=threads)
         spins: set[bool] = set()
-        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin, spins=spins)
+        ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin, spins=spins,
+                              rounds=rep.rounds)
     for p in prepared:
         stem = p.cfg.stem
         rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,

@@ -213,3 +213,27 @@ def test_interleaved_medians_time_blocks_in_rounds():
     order.clear()
     interleaved_medians(fns, runs=2, warmup=0, block=1)  # block 1: plain round-robin
     assert order == ["a", "b", "a", "b"]
+
+
+def test_paired_ratio_pairs_rounds_and_reports_spread():
+    from benchmarks.latency import paired_ratio
+
+    small = [[5.0, 5.0], [10.0, 10.0], [6.0, 6.0], [5.5, 5.5]]  # a slow spell in round 2 hits both
+    nano = [[10.0, 10.0], [20.0, 20.0], [10.0, 10.0], [10.0, 10.0]]
+    med, lo, hi = paired_ratio(small, nano)
+    assert med == pytest.approx(0.525) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5625)
+    assert paired_ratio([[3.0]], [[6.0]]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="same"):
+        paired_ratio(small, nano[:2])
+
+
+def test_targets_use_paired_rounds_when_present():
+    rounds = {(bench.SMALL, "onnx", 320): [[4.0]] * 3, (bench.NANO, "onnx", 320): [[10.0]] * 3,
+              (bench.SMALL, "pt", 320): [[7.0]] * 3, (bench.NANO, "pt", 320): [[10.0]] * 3}
+    rows = [{"cfg": bench.SMALL, "pt": {320: 7.0}, "onnx": {320: 4.0}, "train": None},
+            {"cfg": bench.NANO, "pt": {320: 10.0}, "onnx": {320: 10.0}, "train": None}]
+    rep = bench.Report({}, [320], 3, 2, rows=rows, rounds=rounds)
+    lines = bench.target_lines(rep)
+    assert "**0.40x**" in lines[0] and "met" in lines[0] and "over 3 rounds" in lines[0]
+    assert "**0.70x**" in lines[1] and "MISSED" in lines[1]
+    assert "not measured" in lines[2]

@@ -45,8 +45,8 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
         warmup: int = 3, conf_thres: float = 0.25, fmt: str = "pt") -> PathResult:
     """Time detect.py's stages on every image of `source` (default: the bundled BCCD val images).
 
-    `weights`: a .pt/.onnx/.torchscript file; None builds `cfg` with random weights (nc=3, BCCD's) and,
-    for `fmt='onnx'`, exports it. Random weights give few or no boxes at conf 0.25, so NMS and draw
+    `weights`: a .pt/.onnx/.torchscript file; None builds `cfg` with random weights (nc=3, BCCD's). With
+    `fmt='onnx'` a checkpoint (given or built) is exported to a fixed-size ONNX file first. Random weights give few or no boxes at conf 0.25, so NMS and draw
     are then cheaper than with a trained model; `dets_per_image` says how many there were.
     """
     import cv2
@@ -60,11 +60,11 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
             from benchmarks.latency import checkpoint_for
 
             weights, _ = checkpoint_for(cfg, Path(d), nc=3, imgsz=imgsz)
-            if fmt == "onnx":
-                import export
+        if fmt == "onnx" and Path(weights).suffix in (".pt", ".pth"):  # a checkpoint: time its static export
+            import export
 
-                with contextlib.redirect_stdout(io.StringIO()):  # export prints its parity check
-                    weights = export.run(weights, ("onnx",), imgsz=imgsz, outdir=d, threads=threads)["onnx"]
+            with contextlib.redirect_stdout(io.StringIO()):  # export prints its parity check
+                weights = export.run(weights, ("onnx",), imgsz=imgsz, outdir=d, threads=threads)["onnx"]
         det = detect.Detector(detect.DetectOptions(weights=weights, source=source or detect.DEFAULT_SOURCE,
                                                    imgsz=imgsz, conf_thres=conf_thres, nosave=True,
                                                    project=Path(d) / "runs", threads=threads))

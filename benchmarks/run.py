@@ -214,7 +214,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     dcfg = Path(detect_cfg) if detect_cfg else next((c for c in cfgs if c.stem == SMALL), cfgs[0])
     for fmt in ("pt", "onnx"):
         rep.detect.append(detect_path.run(detect_weights, dcfg, detect_source, min(sizes), threads, fmt=fmt))
-        if detect_weights:  # a given weights file has one format
+        if detect_weights and Path(detect_weights).suffix not in (".pt", ".pth"):  # an export has one format
             break
     rep.machine = describe()
     rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run

@@ -46,8 +46,9 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
     """Time detect.py's stages on every image of `source` (default: the bundled BCCD val images).
 
     `weights`: a .pt/.onnx/.torchscript file; None builds `cfg` with random weights (nc=3, BCCD's). With
-    `fmt='onnx'` a checkpoint (given or built) is exported to a fixed-size ONNX file first. Random weights give few or no boxes at conf 0.25, so NMS and draw
-    are then cheaper than with a trained model; `dets_per_image` says how many there were.
+    `fmt='onnx'` a checkpoint (given or built) is exported to a fixed-size ONNX file first. Random
+    weights give few or no boxes at conf 0.25, so NMS and draw are then cheaper than with a trained
+    model; `dets_per_image` says how many there were.
     """
     import cv2
 

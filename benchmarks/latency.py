@@ -73,13 +73,16 @@ def prepare(cfgs: list[str | Path], sizes: list[int], folder: Path, nc: int | No
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
-                       desc: str = "timing", block: int = 5) -> dict[str, list[list[float]]]:
+                       desc: str = "timing", block: int = 5, rewarm: int = 3) -> dict[str, list[list[float]]]:
     """Milliseconds per callable and round: `{name: [[ms, ...] per round]}`, at least `runs` calls each.
 
-    Each round calls every callable `block` times in a row, callables in turn: rounds spread a slow
-    spell of the machine over all of them (and let callers pair callables round by round), and blocks
-    keep the threads that the previous callable left spinning (libgomp's and ONNX Runtime's pools
-    both spin for a while after their work) from slowing more than the first call of a block.
+    Each round gives every callable `rewarm` untimed calls and then `block` timed ones, callables in
+    turn. Rounds spread a slow spell of the machine over all of them (and let callers pair callables
+    round by round). The untimed calls measure the steady state a detect.py stream runs in: after
+    the other models ran, caches hold their weights and the thread pools they left spinning (libgomp's
+    and ONNX Runtime's both spin for a while) still hold the cores. Without them, interleaving all six
+    detectors made MobileNetV3-Small's ONNX Runtime time 0.58x yolov5n's where timing the two alone
+    gave 0.44-0.55x (same process, same minute).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -88,6 +91,8 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], runs: int, warmup: 
     times: dict[str, list[list[float]]] = {k: [] for k in fns}
     for _ in tqdm(range(-(-runs // block)), desc=desc, leave=False):
         for k, fn in fns.items():
+            for _ in range(rewarm):
+                fn()
             got = []
             for _ in range(block):
                 t = time.perf_counter()
@@ -98,9 +103,9 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], runs: int, warmup: 
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5,
-                        desc: str = "timing", block: int = 5) -> dict[str, float]:
-    """Median milliseconds per callable over all its calls in `interleaved_rounds`."""
-    rounds = interleaved_rounds(fns, runs, warmup, desc, block)
+                        desc: str = "timing", block: int = 5, rewarm: int = 3) -> dict[str, float]:
+    """Median milliseconds per callable over all its timed calls in `interleaved_rounds`."""
+    rounds = interleaved_rounds(fns, runs, warmup, desc, block, rewarm)
     return {k: statistics.median(t for r in v for t in r) for k, v in rounds.items()}
 
 

@@ -207,12 +207,27 @@ def test_interleaved_medians_time_blocks_in_rounds():
 
     order = []
     fns = {k: (lambda k=k: order.append(k)) for k in ("a", "b")}
-    out = interleaved_medians(fns, runs=3, warmup=1, block=2)
+    out = interleaved_medians(fns, runs=3, warmup=1, block=2, rewarm=0)
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up, then 2 rounds of 2-call blocks
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     order.clear()
-    interleaved_medians(fns, runs=2, warmup=0, block=1)  # block 1: plain round-robin
+    interleaved_medians(fns, runs=2, warmup=0, block=1, rewarm=0)  # block 1: plain round-robin
     assert order == ["a", "b", "a", "b"]
+
+
+def test_interleaved_rounds_rewarm_calls_are_not_timed(monkeypatch):
+    from benchmarks import latency
+
+    calls = {"a": 0}
+
+    def fn():
+        calls["a"] += 1
+
+    clock = iter(float(i) for i in range(10_000))
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(clock))
+    rounds = latency.interleaved_rounds({"a": fn}, runs=4, warmup=0, block=2, rewarm=1)
+    assert calls["a"] == 2 * (1 + 2)  # 2 rounds of 1 untimed + 2 timed calls
+    assert [len(r) for r in rounds["a"]] == [2, 2]
 
 
 def test_paired_ratio_pairs_rounds_and_reports_spread():

@@ -155,7 +155,7 @@ def markdown(rep: Report) -> str:
 
     parts = ["## Benchmarks", "", f"Batch-1 latency: median of {rep.runs} runs after 5 warm-up runs, "
              f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed in interleaved "
-             f"rounds of 5 calls each. "
+             f"rounds (per round and model: 3 untimed calls to re-warm, then 5 timed). "
              f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
              f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "

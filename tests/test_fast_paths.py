@@ -154,7 +154,7 @@ def test_layout_passes_cut_ort_reorders_and_keep_outputs(tmp_path):
     r_tuned, out_tuned = _ort_reorders(tuned, tmp_path, "tuned")
     np.testing.assert_allclose(out_tuned, out_plain, rtol=1e-5, atol=1e-4)
     if r_plain:  # ONNX Runtime used its blocked layout on this CPU (AVX2 or better)
-        assert r_tuned <= r_plain - 2 * 9  # two reorders per SE block gone
+        assert r_tuned < r_plain and r_tuned <= 3  # what is left: one back to NCHW per head level
 
 
 def _chain_model(extra_consumer: bool) -> onnx.ModelProto:

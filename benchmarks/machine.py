@@ -8,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 
+from utils.cpu import idle_cpus, usable_cores  # noqa: F401 - re-exported for benchmarks.run
+
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -22,52 +24,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (affinity/cgroup mask where the OS reports one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def load_average() -> tuple[float, float, float] | None:
     """1, 5 and 15 minute load averages (runnable processes), or None where the OS has none."""
     try:
         return os.getloadavg()
     except (OSError, AttributeError):
         return None
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """(idle + iowait, total) jiffies summed over all CPUs from /proc/stat, or None off Linux."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return ticks[3] + ticks[4], sum(ticks)
-
-
-def idle_cpus(seconds: float = 0.5) -> float | None:
-    """CPUs left idle by everything else during the next `seconds` (sampled from /proc/stat).
-
-    Unlike the 1-minute load average, this is not inflated for a minute after the previous job
-    ended: on a 2-core machine the load average still read 1.0 right after the test suite finished,
-    which made `--omp auto` pick PASSIVE waits on an idle machine (35 vs 24 ms for yolov5n in PyTorch).
-    None where /proc/stat is unavailable (then callers fall back to the load average).
-    """
-    import time
-
-    a = _cpu_times()
-    if a is None:
-        return None
-    time.sleep(seconds)
-    b = _cpu_times()
-    if b is None or b[1] <= a[1]:
-        return None
-    return usable_cores() * (b[0] - a[0]) / (b[1] - a[1])
 
 
 def describe() -> dict[str, str]:
@@ -83,7 +45,7 @@ def describe() -> dict[str, str]:
         ort_version = ort.__version__
     except ImportError:
         ort_version = "not installed"
-    from utils.backend import physical_cores
+    from utils.cpu import physical_cores
 
     load = load_average()
     malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"

@@ -109,6 +109,11 @@ def test_tune_malloc_applies_once_on_glibc():
 
 
 def test_idle_cores_follows_the_load_average(monkeypatch):
+    """Where /proc/stat cannot be sampled, the 1-minute load average decides."""
+    from utils import cpu
+
+    monkeypatch.setattr(cpu, "idle_cpus", lambda seconds=0.1: None)
+    monkeypatch.setattr(cpu, "_IDLE_CACHE", {})
     cores = backend.physical_cores()
     monkeypatch.setattr(backend.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert backend.idle_cores() == cores
@@ -191,15 +196,37 @@ def test_omp_policy_prefers_the_sampled_idle_cpus(monkeypatch):
 
 def test_idle_cpus_reads_proc_stat(monkeypatch):
     """Idle share of the jiffies between two /proc/stat reads, times the usable cores."""
+    from utils import cpu
+
     reads = iter([(100, 400), (150, 500)])  # 50 of 100 jiffies idle
-    monkeypatch.setattr(machine, "_cpu_times", lambda: next(reads))
-    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
-    assert machine.idle_cpus(0.0) == pytest.approx(1.0)
-    monkeypatch.setattr(machine, "_cpu_times", lambda: None)
-    assert machine.idle_cpus(0.0) is None
+    monkeypatch.setattr(cpu, "cpu_times", lambda: next(reads))
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    assert cpu.idle_cpus(0.0) == pytest.approx(1.0)
+    monkeypatch.setattr(cpu, "cpu_times", lambda: None)
+    assert cpu.idle_cpus(0.0) is None
     monkeypatch.undo()
     if Path("/proc/stat").exists():  # the real file: a share of this machine's cores
-        assert 0.0 <= machine.idle_cpus(0.05) <= machine.usable_cores()
+        assert 0.0 <= cpu.idle_cpus(0.05) <= cpu.usable_cores()
+
+
+def test_idle_cores_prefers_a_fresh_sample_to_the_lagging_load_average(monkeypatch):
+    from utils import cpu
+
+    samples = []
+
+    def sample(seconds=0.1):
+        samples.append(seconds)
+        return 1.9  # the other core is idle too
+
+    monkeypatch.setattr(cpu, "physical_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "idle_cpus", sample)
+    monkeypatch.setattr(cpu, "_IDLE_CACHE", {})
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.4, 1.0, 0.5))  # a finished job's echo
+    assert cpu.idle_cores() == 2 and cpu.idle_cores() == 2
+    assert len(samples) == 1  # the second call reused the sample (max_age)
+    assert cpu.idle_cores(max_age=0.0) == 2 and len(samples) == 2
+    monkeypatch.setattr(cpu, "idle_cpus", lambda seconds=0.1: 0.3)  # another process holds both cores
+    assert cpu.idle_cores(max_age=0.0) == 1
 
 
 def test_interleaved_medians_time_blocks_in_rounds():

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.cpu import idle_cores, physical_cores  # noqa: F401 - physical_cores is re-exported
+
 PT_SUFFIXES = (".pt", ".pth")
 TS_SUFFIXES = (".torchscript", ".ts")
 ONNX_SUFFIXES = (".onnx",)
@@ -30,44 +32,6 @@ METADATA_FILE = "config.json"  # TorchScript extra file holding the same keys as
 
 class BackendError(ValueError):
     """A weights file that is missing, of an unknown type, or not a MobileYOLO model."""
-
-
-def physical_cores() -> int:
-    """Number of physical CPU cores (hyper-threads not counted); falls back to the logical count."""
-    try:
-        import psutil  # optional
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    try:
-        cores, block = set(), {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                block[k] = v
-            elif block:
-                cores.add((block.get("physical id"), block.get("core id")))
-                block = {}
-        if len(cores) > 1 or (cores and None not in next(iter(cores))):
-            # a cgroup/affinity limit can be lower than the cores the machine has
-            return max(1, min(len(cores), len(os.sched_getaffinity(0))))
-    except (OSError, AttributeError):
-        pass
-    return max(1, os.cpu_count() or 1)
-
-
-def idle_cores() -> int:
-    """Physical cores not already kept busy by other processes: cores minus the 1-minute load average
-    (rounded), at least 1. Where the OS reports no load average, all physical cores."""
-    cores = physical_cores()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def _torch_threads(asked: int | None) -> None:

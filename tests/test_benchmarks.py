@@ -146,6 +146,8 @@ def test_busy_machine_lowers_torch_threads_and_stops_ort_spinning(tmp_path, monk
     assert opts.intra_op_num_threads == 2
     with pytest.raises(RuntimeError):  # never set: ORT's default (spin) applies
         opts.get_session_config_entry("session.intra_op.allow_spinning")
+    # ... but the threads stop spinning when a run ends, so they leave the cores to NMS and drawing
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_fast_decode_equals_the_traceable_one():

@@ -119,7 +119,8 @@ class DetectBackend:
     need exactly `imgsz`), `batch: int | None` (fixed batch of a static export, else None).
     `threads` sets ONNX Runtime's intra-op threads (default: physical cores) and torch's (default: at
     most `idle_cores()`, see `_torch_threads`). `spin`: whether ONNX Runtime's threads spin-wait
-    between ops (None: only while `idle_cores()` covers its threads, i.e. not on a busy machine).
+    between ops (None: only while `idle_cores()` covers its threads, i.e. not on a busy machine; they
+    stop spinning when each run ends). `session_config`: the ONNX Runtime config entries that applies.
     `malloc`: apply `tune_malloc()` (process-wide glibc allocator settings that speed up inference).
     `pack` (.pt with `fuse`): on the first CPU call, swap the convs for oneDNN conv+activation calls
     with weights packed for that call's input shape (`utils.packed_conv`; other shapes still work,
@@ -208,8 +209,14 @@ class DetectBackend:
         opts.intra_op_num_threads = self.threads or physical_cores()
         spin = self.spin if self.spin is not None else idle_cores() >= opts.intra_op_num_threads
         self.spin = spin  # the decision, for reports
-        if not spin:  # on a busy machine spinning threads steal the cores others need, then wait for them
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning threads answer the next op sooner, but on a busy machine they steal the cores others
+        # need; and left spinning after a run they steal them from our own NMS and drawing: with spinning
+        # on but not stopped, NMS took 3.4-5.1 ms instead of 0.9 ms per BCCD image (benchmarks/detect_path.py),
+        # while spin-waiting inside a run cut MobileNetV3-Small's model time from 4.9 to 3.5 ms.
+        self.session_config = ({"session.force_spinning_stop": "1"} if spin
+                               else {"session.intra_op.allow_spinning": "0"})
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
         opts.log_severity_level = 3  # errors only; ORT's warnings about initializers are noise here
         try:
             self.session = ort.InferenceSession(str(self.file), sess_options=opts, providers=["CPUExecutionProvider"])

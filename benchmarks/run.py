@@ -221,7 +221,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     rep.machine = describe()
     rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run
     used = "/".join("on" if x else "off" for x in sorted(spins)) or "n/a"
-    rep.machine["ORT spin-wait (latency table)"] = f"{used} ({ {None: 'auto: off when busy', True: 'forced on', False: 'forced off'}[ort_spin]})"
+    rep.machine["ORT spin-wait (latency table)"] = f"{used} ({ {None: 'auto: off when busy, stopped after each run', True: 'forced on, stopped after each run', False: 'forced off'}[ort_spin]})"
     rep.command = command or f"benchmarks.run.run(cfgs={[str(c) for c in cfgs]}, sizes={sizes}, runs={runs})"
     rep.seconds = time.time() - t0
     text = markdown(rep)

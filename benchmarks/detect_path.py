@@ -53,6 +53,7 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
     import cv2
 
     import detect
+    from utils.backend import PT_SUFFIXES
     from utils.data.images import read_image
     from utils.draw import draw_boxes
 
@@ -61,7 +62,7 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
             from benchmarks.latency import checkpoint_for
 
             weights, _ = checkpoint_for(cfg, Path(d), nc=3, imgsz=imgsz)
-        if fmt == "onnx" and Path(weights).suffix in (".pt", ".pth"):  # a checkpoint: time its static export
+        if fmt == "onnx" and Path(weights).suffix in PT_SUFFIXES:  # a checkpoint: time its static export
             import export
 
             with contextlib.redirect_stdout(io.StringIO()):  # export prints its parity check

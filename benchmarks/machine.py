@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from utils.cpu import idle_cpus, usable_cores  # noqa: F401 - re-exported for benchmarks.run
+from utils.cpu import physical_cores, usable_cores
 
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
@@ -45,8 +45,6 @@ def describe() -> dict[str, str]:
         ort_version = ort.__version__
     except ImportError:
         ort_version = "not installed"
-    from utils.cpu import physical_cores
-
     load = load_average()
     malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"
     omp = os.environ.get("OMP_WAIT_POLICY", "default (libgomp: spin, then sleep)")

@@ -11,8 +11,8 @@ batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model).
 per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
 and the issue's targets as ratios measured within this one run, each marked met or missed.
 
-Latency timings interleave all (model, format) pairs in rounds (5 calls each per round) so load changes
-hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The target
+Latency timings interleave all (model, format) pairs in rounds (per round each gets 3 untimed re-warm
+calls, then 5 timed ones) so load changes hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The target
 ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
 settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
 subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
@@ -179,7 +179,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
 
     from benchmarks import detect_path, latency
     from benchmarks.machine import describe
-    from utils.backend import MALLOC_SETTINGS, tune_malloc
+    from utils.backend import MALLOC_SETTINGS, PT_SUFFIXES, tune_malloc
 
     t0 = time.time()
     if malloc_tune:
@@ -216,7 +216,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
         # at the default size: a 64 px row (asked for to see fixed costs) would make every stage dwarf the model
         dsize = 320 if 320 in sizes else min(sizes)
         rep.detect.append(detect_path.run(detect_weights, dcfg, detect_source, dsize, threads, fmt=fmt))
-        if detect_weights and Path(detect_weights).suffix not in (".pt", ".pth"):  # an export has one format
+        if detect_weights and Path(detect_weights).suffix not in PT_SUFFIXES:  # an export has one format
             break
     rep.machine = describe()
     rep.machine["load"] = f"at start {load_start}; at end {rep.machine['load']}"  # it moves during a run
@@ -239,15 +239,12 @@ def set_omp_policy(mode: str, threads: int) -> None:
     else from the 1-minute load average), else libgomp's default; an OMP_WAIT_POLICY already in the
     environment always wins.
     """
-    from benchmarks.machine import idle_cpus, load_average, usable_cores
+    from utils.cpu import estimate_idle
 
     if mode == "active" or "OMP_WAIT_POLICY" in os.environ:
         return
     if mode == "auto":
-        idle = idle_cpus()
-        if idle is None:
-            load = load_average()
-            idle = None if load is None else usable_cores() - load[0]
+        idle = estimate_idle(0.5)
         if idle is None or idle + 0.5 >= threads:
             return
     if "torch" in sys.modules:

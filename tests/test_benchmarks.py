@@ -116,14 +116,14 @@ def test_idle_cores_follows_the_load_average(monkeypatch):
     monkeypatch.setattr(cpu, "_IDLE_CACHE", {})
     cores = backend.physical_cores()
     monkeypatch.setattr(backend.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert backend.idle_cores() == cores
+    assert backend.idle_cores(max_age=0.0) == cores
     monkeypatch.setattr(backend.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
-    assert backend.idle_cores() == 1
+    assert backend.idle_cores(max_age=0.0) == 1
 
     def no_load() -> tuple[float, float, float]:
         raise OSError("no load average here")
     monkeypatch.setattr(backend.os, "getloadavg", no_load)
-    assert backend.idle_cores() == cores
+    assert backend.idle_cores(max_age=0.0) == cores
 
 
 def test_busy_machine_lowers_torch_threads_and_stops_ort_spinning(tmp_path, monkeypatch):
@@ -169,12 +169,14 @@ def test_fast_decode_equals_the_traceable_one():
 
 def test_omp_policy_follows_the_load(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
-    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: None)  # no /proc/stat: load average
-    monkeypatch.setattr(machine, "load_average", lambda: (0.2, 0.2, 0.2))
+    from utils import cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "idle_cpus", lambda seconds=0.5: None)  # no /proc/stat: load average
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     bench.set_omp_policy("auto", 2)
     assert "OMP_WAIT_POLICY" not in os.environ  # idle: keep libgomp's spinning
-    monkeypatch.setattr(machine, "load_average", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     bench.set_omp_policy("active", 2)
     assert "OMP_WAIT_POLICY" not in os.environ
     bench.set_omp_policy("auto", 2)
@@ -187,11 +189,13 @@ def test_omp_policy_follows_the_load(monkeypatch):
 def test_omp_policy_prefers_the_sampled_idle_cpus(monkeypatch):
     """A load average still high from the previous job must not make an idle machine look busy."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(machine, "load_average", lambda: (1.4, 1.0, 0.5))
-    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: 1.97)
+    from utils import cpu
+
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.4, 1.0, 0.5))
+    monkeypatch.setattr(cpu, "idle_cpus", lambda seconds=0.5: 1.97)
     bench.set_omp_policy("auto", 2)
     assert "OMP_WAIT_POLICY" not in os.environ
-    monkeypatch.setattr(machine, "idle_cpus", lambda seconds=0.5: 0.6)  # another process holds a core
+    monkeypatch.setattr(cpu, "idle_cpus", lambda seconds=0.5: 0.6)  # another process holds a core
     bench.set_omp_policy("auto", 2)
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 

@@ -76,26 +76,30 @@ def idle_cpus(seconds: float = 0.5) -> float | None:
     return usable_cores() * (b[0] - a[0]) / (b[1] - a[1])
 
 
-def idle_cores(sample: float = 0.1, max_age: float = 2.0) -> int:
-    """Physical cores not already kept busy by other processes, at least 1.
+def estimate_idle(seconds: float = 0.5) -> float | None:
+    """CPUs other work leaves idle: an `idle_cpus(seconds)` sample, else usable cores minus the 1-minute
+    load average, else None where the OS reports neither."""
+    idle = idle_cpus(seconds)
+    if idle is not None:
+        return idle
+    try:
+        return usable_cores() - os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
-    Measured over `sample` seconds from /proc/stat (reused for `max_age` seconds, so opening several
-    backends costs one sample); where that is unavailable, cores minus the 1-minute load average
-    (rounded), and all physical cores where the OS has neither. The load average alone lags: a minute
-    after the test suite or a training run ended it still read ~1 on an idle 2-core machine, which
-    halved detect.py's threads and turned ONNX Runtime's spin-waiting off.
+
+def idle_cores(sample: float = 0.1, max_age: float = 2.0) -> int:
+    """Physical cores not already kept busy by other processes (`estimate_idle`, rounded), at least 1.
+
+    The estimate is reused for `max_age` seconds, so opening several backends costs one sample; all
+    physical cores where there is no estimate. The load average alone lags: a minute after the test
+    suite or a training run ended it still read ~1 on an idle 2-core machine, which halved detect.py's
+    threads and turned ONNX Runtime's spin-waiting off.
     """
     cores = physical_cores()
-    now = time.monotonic()
-    if "t" in _IDLE_CACHE and now - _IDLE_CACHE["t"] <= max_age:
-        idle = _IDLE_CACHE["idle"]
-    else:
-        idle = idle_cpus(sample)
-        if idle is not None:
-            _IDLE_CACHE.update(t=time.monotonic(), idle=idle)
-    if idle is None:
-        try:
-            idle = cores - os.getloadavg()[0]
-        except (OSError, AttributeError):
+    if "t" not in _IDLE_CACHE or time.monotonic() - _IDLE_CACHE["t"] > max_age:
+        idle = estimate_idle(sample)
+        if idle is None:
             return cores
-    return max(1, min(cores, int(idle + 0.5)))
+        _IDLE_CACHE.update(t=time.monotonic(), idle=idle)
+    return max(1, min(cores, int(_IDLE_CACHE["idle"] + 0.5)))

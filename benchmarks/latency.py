@@ -2,8 +2,9 @@
 
 For each YAML a randomly initialised model is saved as a checkpoint (`.pt`) and exported with export.py
 to a static ONNX file at each size. PyTorch runs the `.pt` as detect.py does (fused, eval,
-channels_last, inference_mode, decode included); ONNX Runtime runs the `.onnx` (ORT_ENABLE_ALL, decode
-inside the graph). Every (model, format) pair is timed round-robin, one call each per round, so a change
+channels_last, inference_mode, decode included), and again as `detect.py --compile` does (torch.compile
+of model + decode, utils/compiled.py); ONNX Runtime runs the `.onnx` (ORT_ENABLE_ALL, decode inside
+the graph). Every (model, format) pair is timed round-robin, one call each per round, so a change
 of machine load hits all of them alike and their ratios stay meaningful on a shared machine.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-FORMATS = ("pt", "onnx")
+FORMATS = ("pt", "ptc", "onnx")  # ptc: the .pt through DetectBackend(compile=True), detect.py --compile
 
 
 @dataclass
@@ -125,12 +126,16 @@ def paired_ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, flo
 def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads: int = 2,
              warmup: int = 5, malloc: bool = True, spin: bool | None = None,
              spins: set[bool] | None = None,
-             rounds: dict[tuple[str, str, int], list[list[float]]] | None = None) -> dict[tuple[str, str, int], float]:
-    """Median ms keyed by (cfg stem, format, size); formats 'pt' and 'onnx' (when exported).
+             rounds: dict[tuple[str, str, int], list[list[float]]] | None = None, compile: bool = True,
+             compile_s: dict[tuple[str, int], float | None] | None = None) -> dict[tuple[str, str, int], float]:
+    """Median ms keyed by (cfg stem, format, size); formats 'pt', 'ptc' (with `compile`) and 'onnx'
+    (when exported).
 
     `malloc` and `spin` are passed to `DetectBackend` (allocator tuning; ONNX Runtime spin-waiting,
     None = its busy-machine rule); `spins`, when given, collects what the ONNX sessions decided;
-    `rounds`, when given, receives the per-round times (`interleaved_rounds`) under the same keys.
+    `rounds`, when given, receives the per-round times (`interleaved_rounds`) under the same keys;
+    `compile_s`, when given, receives each compile's seconds under (cfg stem, size), None where
+    torch.compile failed (its 'ptc' figure is then the eager fallback's, and is left out).
     """
     from utils.backend import DetectBackend
 
@@ -142,12 +147,18 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
         x = torch.rand(1, s, s, 3).permute(0, 3, 1, 2)
         fns: dict[str, Callable[[], object]] = {}
         for p in prepared:
-            files = {"pt": p.pt, "onnx": p.onnx.get(s)}
+            files = {"pt": p.pt, "ptc": p.pt if compile else None, "onnx": p.onnx.get(s)}
             for fmt, f in files.items():
                 if f is not None:
-                    b = DetectBackend(f, threads=threads, malloc=malloc, spin=spin)
+                    b = DetectBackend(f, threads=threads, malloc=malloc, spin=spin, compile=fmt == "ptc")
                     if fmt == "onnx":
                         spins.add(bool(b.spin))
+                    if fmt == "ptc":
+                        b(x)  # compiles here, outside the timed rounds
+                        if compile_s is not None:
+                            compile_s[(p.cfg.stem, s)] = b.compile_s
+                        if not b.compiled:
+                            continue
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
         for k, times in interleaved_rounds(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")

@@ -5,7 +5,8 @@
         --imgsz 320 --skip-train --out bench.md
 
 Per model: parameters, GFLOPs per size, batch-1 latency (median of `--runs` after warm-up) in PyTorch
-(detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included) and in ONNX
+(detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included), in PyTorch
+compiled (`detect.py --compile`: torch.compile of model + decode, compiled before timing) and in ONNX
 Runtime (`--threads` intra-op threads, static export, decode in the graph), training images/s at 320
 batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model). Then detect.py's
 per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
@@ -43,6 +44,7 @@ SMALL, NANO = "mobilenetv3-small-yolo", "yolov5n"
 TARGETS = (
     ("ONNX Runtime latency at 320, mobilenetv3-small-yolo / yolov5n", "onnx", 320, "max", 0.5),
     ("PyTorch latency at 320, mobilenetv3-small-yolo / yolov5n", "pt", 320, "max", 0.6),
+    ("PyTorch latency at 320 with detect.py --compile, mobilenetv3-small-yolo / yolov5n", "ptc", 320, "max", 0.6),
     ("training images/s, mobilenetv3-small-yolo / yolov5n", "train", 320, "min", 2.0),
 )
 
@@ -55,7 +57,8 @@ class Report:
     sizes: list[int]
     runs: int
     threads: int
-    rows: list[dict] = field(default_factory=list)  # per model: cfg, params, gflops{s}, pt{s}, onnx{s}, train
+    rows: list[dict] = field(default_factory=list)  # per model: cfg, params, gflops{s}, pt{s}, ptc{s}, onnx{s},
+    # compile_s{s}, train
     rounds: dict = field(default_factory=dict)  # (cfg stem, format, size) -> per-round latency ms
     detect: list = field(default_factory=list)  # detect_path.PathResult per format
     seconds: float = 0.0
@@ -133,16 +136,26 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _max(values) -> float | None:
+    got = [v for v in values if v is not None]
+    return max(got) if got else None
+
+
 def table(rep: Report) -> str:
     """The per-model markdown table."""
     s = rep.sizes
+    comp = any(v is not None for r in rep.rows for v in r.get("ptc", {}).values())
     head = (["model", "params (M)"] + [f"GFLOPs {x}" for x in s] + [f"PyTorch {x} (ms)" for x in s]
+            + ([f"PyTorch --compile {x} (ms)" for x in s] + ["compile (s)"] if comp else [])
             + [f"ORT {x} (ms)" for x in s] + ["train img/s (320, b16)", "train peak RSS (MiB)"])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rep.rows:
         t = r.get("train") or {}
         cells = ([r["cfg"], f"{r['params'] / 1e6:.2f}"] + [f"{r['gflops'][x]:.2f}" for x in s]
-                 + [_fmt(r["pt"].get(x), ".1f") for x in s] + [_fmt(r["onnx"].get(x), ".1f") for x in s]
+                 + [_fmt(r["pt"].get(x), ".1f") for x in s]
+                 + ([_fmt(r["ptc"].get(x), ".1f") for x in s] + [_fmt(_max(r["compile_s"].values()), ".0f")]
+                    if comp else [])
+                 + [_fmt(r["onnx"].get(x), ".1f") for x in s]
                  + [_fmt(t.get("img_s"), ".1f"), _fmt(t.get("peak_rss_mb"), ".0f")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,7 +169,9 @@ def markdown(rep: Report) -> str:
     parts = ["## Benchmarks", "", f"Batch-1 latency: median of {rep.runs} runs after 5 warm-up runs, "
              f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed in interleaved "
              f"rounds (per round and model: 3 untimed calls to re-warm, then 5 timed). "
-             f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); ORT = static ONNX "
+             f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); PyTorch --compile = "
+             f"the same with `detect.py --compile` (torch.compile, weights frozen, C++ wrapper; compile = the "
+             f"longest of its first-call compiles, on-disk cache as found); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
              f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "
              f"once per round, in turn); peak RSS of the training process.", "",
@@ -173,7 +188,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
         threads: int = 2, skip_train: bool = False, train_steps: int = 5, detect_cfg: str | Path | None = None,
         detect_weights: str | Path | None = None, malloc_tune: bool = True, out: str | Path | None = None,
         detect_source: str | Path | None = None, command: str | None = None, ort_spin: bool | None = None,
-        train_rounds: int = 2) -> Report:
+        train_rounds: int = 2, compile: bool = True) -> Report:
     """Measure, print and (with `out`) write the report; returns it. See the module docstring."""
     import torch
 
@@ -196,12 +211,15 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     with tempfile.TemporaryDirectory() as d:
         prepared = latency.prepare(cfgs, sizes, Path(d), threads=threads)
         spins: set[bool] = set()
+        compile_s: dict = {}
         ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin, spins=spins,
-                              rounds=rep.rounds)
+                              rounds=rep.rounds, compile=compile, compile_s=compile_s)
     for p in prepared:
         stem = p.cfg.stem
         rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,
                          "pt": {s: ms.get((stem, "pt", s)) for s in sizes},
+                         "ptc": {s: ms.get((stem, "ptc", s)) for s in sizes},
+                         "compile_s": {s: compile_s.get((stem, s)) for s in sizes},
                          "onnx": {s: ms.get((stem, "onnx", s)) for s in sizes}})
     if not skip_train:
         try:
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="OMP_WAIT_POLICY for torch (auto: PASSIVE when the machine is busy at start, see above)")
     p.add_argument("--ort-spin", choices=("auto", "on", "off"), default="auto",
                    help="ONNX Runtime spin-waiting in the latency table (auto: off on a busy machine, as detect.py)")
+    p.add_argument("--no-compile", action="store_true", help="no PyTorch --compile column (saves 10-30 s per model and size)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     a = p.parse_args(argv)
     if a.runs < 1 or a.threads < 1 or any(s < 32 or s % 32 for s in a.imgsz):
@@ -276,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
         not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin],
-        train_rounds=a.train_rounds)
+        train_rounds=a.train_rounds, compile=not a.no_compile)
 
 
 if __name__ == "__main__":

@@ -37,24 +37,29 @@ def test_smoke_run_writes_a_complete_report(tiny_yaml, tmp_path, monkeypatch):
     row = rep.rows[0]
     assert row["cfg"] == "tiny-yolo" and row["params"] > 1000 and row["gflops"][64] > 0
     assert row["pt"][64] > 0 and row["onnx"][64] > 0
+    assert row["ptc"][64] > 0 and row["compile_s"][64] > 0  # detect.py --compile, compiled before timing
     assert row["train"]["img_s"] > 0 and row["train"]["peak_rss_mb"] > 50  # benchmarks/train_speed.py, subprocess
     assert [d.fmt for d in rep.detect] == ["pt", "onnx"]
     assert all(d.images == 3 and set(detect_path.STAGES) <= set(d.ms) for d in rep.detect)
     text = out.read_text()
     assert "| tiny-yolo |" in text and "GFLOPs 64" in text and "ORT 64 (ms)" in text
+    assert "PyTorch --compile 64 (ms)" in text and "compile (s)" in text
     # the model ratios need both models; with one tiny model they are reported as not measured
-    assert text.count("not measured in this run") == 3
+    assert text.count("not measured in this run") == 4
     assert "detect.py path (pt)" in text and "- cpu: " in text and "- load: " in text
 
 
 def test_targets_are_marked_met_or_missed():
     rep = bench.Report(machine={}, sizes=[320], runs=1, threads=1)
-    rep.rows = [{"cfg": "yolov5n", "pt": {320: 10.0}, "onnx": {320: 10.0}, "train": {"img_s": 10.0}},
-                {"cfg": "mobilenetv3-small-yolo", "pt": {320: 7.0}, "onnx": {320: 4.0}, "train": {"img_s": 25.0}}]
+    rep.rows = [{"cfg": "yolov5n", "pt": {320: 10.0}, "ptc": {320: 10.0}, "onnx": {320: 10.0},
+                 "train": {"img_s": 10.0}},
+                {"cfg": "mobilenetv3-small-yolo", "pt": {320: 7.0}, "ptc": {320: 5.5}, "onnx": {320: 4.0},
+                 "train": {"img_s": 25.0}}]
     lines = bench.target_lines(rep)
     assert "0.40x" in lines[0] and lines[0].endswith("met")  # ORT 4 / 10 <= 0.5
     assert "0.70x" in lines[1] and lines[1].endswith("MISSED")  # PyTorch 7 / 10 > 0.6
-    assert "2.50x" in lines[2] and lines[2].endswith("met")  # training 25 / 10 >= 2
+    assert "0.55x" in lines[2] and "--compile" in lines[2] and lines[2].endswith("met")  # compiled 5.5 / 10
+    assert "2.50x" in lines[3] and lines[3].endswith("met")  # training 25 / 10 >= 2
     rep.detect = [detect_path.PathResult({s: 1.0 for s in detect_path.STAGES} | {"read": 3.0, "model": 2.0},
                                          1, 0.0, "w.pt", "pt", (320, 320))]
     assert bench.target_lines(rep)[-1].endswith("MISSED") and "`read`" in bench.target_lines(rep)[-1]
@@ -284,4 +289,4 @@ def test_targets_use_paired_rounds_when_present():
     lines = bench.target_lines(rep)
     assert "**0.40x**" in lines[0] and "met" in lines[0] and "over 3 rounds" in lines[0]
     assert "**0.70x**" in lines[1] and "MISSED" in lines[1]
-    assert "not measured" in lines[2]
+    assert "not measured" in lines[2] and "not measured" in lines[3]  # no compiled rows, no training

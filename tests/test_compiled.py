@@ -1,0 +1,129 @@
+"""The compiled CPU path (utils/compiled.py, DetectBackend(compile=True), detect.py --compile).
+
+Each real compile costs seconds, so the tiny two-level model is compiled once per module and the
+failure paths replace torch.compile with fakes.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import detect
+from models.yolo import Model
+from tests.backend_helpers import TINY, make_checkpoint, make_images
+from utils import compiled as compiled_mod
+from utils.backend import DetectBackend
+from utils.compiled import CompiledDecoder
+from utils.decode import Decoder
+
+
+def tiny_decoder() -> Decoder:
+    torch.manual_seed(0)
+    m = Model(TINY, nc=2).fuse().eval().to(memory_format=torch.channels_last)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return Decoder(m).eval()
+
+
+def cl(*shape: int) -> torch.Tensor:
+    return torch.rand(*shape).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture(scope="module")
+def built():
+    dec = tiny_decoder()
+    c = CompiledDecoder.build(dec, cl(1, 3, 64, 96))
+    assert c is not None, "torch.compile should work on this machine (gcc is part of the setup)"
+    return dec, c
+
+
+def test_compiled_matches_eager_and_records_its_shape(built):
+    dec, c = built
+    assert c.shape == (1, 3, 64, 96) and c.seconds > 0
+    x = cl(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), dec(x), rtol=1e-4, atol=1e-3)
+
+
+def test_other_shapes_and_layouts_run_eager_and_size1_strides_do_not(built, monkeypatch):
+    dec, c = built
+    calls = []
+    real = c.fn
+    monkeypatch.setattr(c, "fn", lambda x: calls.append(x.stride()) or real(x))
+    with torch.no_grad():
+        for x in (cl(1, 3, 96, 64), cl(2, 3, 64, 96), torch.rand(1, 3, 64, 96)):  # shape, batch, NCHW layout
+            torch.testing.assert_close(c(x), dec(x), rtol=1e-4, atol=1e-3)
+        assert calls == []  # none of those reached the compiled graph
+        # detect.to_tensor's layout: channels_last, but the size-1 batch dim has stride 3
+        img = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+        x = detect.to_tensor(img)
+        assert x.stride()[0] == 3 and x.stride() != c.strides
+        torch.testing.assert_close(c(x), dec(x), rtol=1e-4, atol=1e-3)
+    assert calls == [c.strides]  # restrided to the graph's guards, not recompiled or eager
+
+
+def test_compile_errors_fall_back_with_a_warning(monkeypatch, caplog):
+    def broken(*a, **k):
+        def fn(x):
+            raise RuntimeError("C++ compile failed: g++ not found\nlong log")
+        return fn
+
+    monkeypatch.setattr(compiled_mod.torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="mobileyolo.backend"):
+        assert CompiledDecoder.build(tiny_decoder(), cl(1, 3, 64, 64)) is None
+    assert "torch.compile failed (RuntimeError: C++ compile failed: g++ not found)" in caplog.text
+
+
+def test_results_that_disagree_are_refused(monkeypatch, caplog):
+    monkeypatch.setattr(compiled_mod.torch, "compile", lambda m, **k: (lambda x: m(x) + 1.0))
+    with caplog.at_level(logging.WARNING, logger="mobileyolo.backend"):
+        assert CompiledDecoder.build(tiny_decoder(), cl(1, 3, 64, 64)) is None
+    assert "disagrees with the eager model (max error 1.0" in caplog.text
+
+
+def test_non_float32_models_are_not_compiled(monkeypatch):
+    monkeypatch.setattr(compiled_mod.torch, "compile", lambda *a, **k: pytest.fail("must not compile"))
+    assert CompiledDecoder.build(tiny_decoder().double(), cl(1, 3, 64, 64)) is None
+
+
+def test_backend_falls_back_to_packing_when_compile_fails(tmp_path, monkeypatch):
+    pt = make_checkpoint(tmp_path / "w.pt")
+    monkeypatch.setattr(CompiledDecoder, "build", classmethod(lambda cls, *a, **k: None))
+    b, eager = DetectBackend(pt, threads=1, compile=True), DetectBackend(pt, threads=1, pack=False)
+    assert b.fixed_input and not b.compiled  # callers letterbox to imgsz before the first call decides
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(b(x), eager(x), rtol=1e-4, atol=1e-3)
+    assert not b.compiled and b.compile_s is None and b.packed > 0 and not b.fixed_input
+
+
+def test_detect_compile_letterboxes_to_imgsz_and_matches_eager(tmp_path, caplog):
+    pt = make_checkpoint(tmp_path / "best.pt", names=["cell", "blob"], obj_logit=3.0)
+    src = make_images(tmp_path / "imgs", n=2, size=(96, 64))[0].parent  # not square: eager pads to 64x96
+    common = {"weights": pt, "source": src, "imgsz": 96, "nosave": True, "threads": 1, "project": tmp_path}
+    with caplog.at_level(logging.INFO, logger="mobileyolo.detect"):
+        fast = detect.Detector(detect.DetectOptions(compile=True, name="c", **common))
+        got = [r.det for r in fast.frames()]
+    assert fast.backend.compiled and fast.speed.shape == (1, 3, 96, 96)
+    assert "compiled best.pt for 96x96" in caplog.text and "(pt, compiled)" in fast.summary()
+    plain = detect.Detector(detect.DetectOptions(name="e", **common))
+    plain.letterbox = lambda img: detect.Detector.letterbox(fast, img)  # same square padding, eager model
+    want = [r.det for r in plain.frames()]
+    assert not plain.backend.compiled and len(got) == 2
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and len(a) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_detect_compile_on_onnx_weights_warns(tmp_path, caplog):
+    import export
+
+    pt = make_checkpoint(tmp_path / "best.pt")
+    onnx = export.run(pt, ("onnx",), imgsz=64, outdir=tmp_path)["onnx"]
+    src = make_images(tmp_path / "imgs", n=1, size=(64, 64))[0]
+    with caplog.at_level(logging.WARNING, logger="mobileyolo.detect"):
+        d = detect.Detector(detect.DetectOptions(weights=onnx, source=src, imgsz=64, compile=True, nosave=True,
+                                                 project=tmp_path))
+    assert "--compile applies to .pt weights only" in caplog.text and not d.backend.compiled

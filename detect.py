@@ -66,7 +66,7 @@ class DetectOptions:
     name: str = "exp"
     exist_ok: bool = False
     threads: int | None = None  # ONNX Runtime/torch intra-op threads; None: physical cores (ORT)
-    compile: bool = False  # .pt on the CPU: torch.compile for --imgsz before the first frame (utils/compiled.py)
+    compile: bool = False  # .pt on the CPU: torch.compile for the first frame's letterboxed shape (utils/compiled.py)
 
 
 @dataclass
@@ -158,12 +158,25 @@ class Detector:
             if bad:
                 raise DetectError(f"--classes {bad}: the model has classes 0..{self.backend.nc - 1} "
                                   f"({', '.join(self.backend.names)})")
-        self.backend.warmup(self.imgsz)  # so the first frame's time excludes lazy initialisation (and compiles)
-        if self.backend.compiled:
-            LOGGER.info(f"compiled {weights.name} for {self.imgsz[0]}x{self.imgsz[1]} in {self.backend.compile_s:.1f} s")
+        self._compile_pending = opts.compile and self.backend.fmt == "pt"  # compiles for the first frame's shape
+        if not self._compile_pending:
+            self.backend.warmup(self.imgsz)  # so the first frame's time excludes lazy initialisation
         self.save_dir = increment_path(Path(opts.project) / opts.name, exist_ok=opts.exist_ok, mkdir=True)
         self.speed = Speed()
         self.detections = 0
+
+    def prepare(self, img: np.ndarray) -> None:
+        """With --compile, before the first frame is timed: compile for `img`'s letterboxed shape, and
+        from then on letterbox every frame to that shape (same-sized frames: the usual minimal padding)."""
+        if not self._compile_pending:
+            return
+        self._compile_pending = False
+        shape = tuple(self.letterbox(img)[0].shape[:2])
+        self.backend.warmup(shape)
+        if self.backend.compiled:
+            self.imgsz = shape
+            LOGGER.info(f"compiled {self.backend.file.name} for {shape[0]}x{shape[1]} in {self.backend.compile_s:.1f} s; "
+                        f"every frame is letterboxed to {shape[0]}x{shape[1]}")
 
     def letterbox(self, img: np.ndarray) -> tuple[np.ndarray, tuple]:
         """BGR uint8 [h, w, 3] -> (letterboxed BGR uint8 [H, W, 3], ((rh, rw), (padw, padh)))."""
@@ -186,6 +199,7 @@ class Detector:
 
     def detect(self, img: np.ndarray) -> np.ndarray:
         """Detections `[n, 6]` (x1, y1, x2, y2 in `img` pixels, conf, cls) for one BGR image; timed."""
+        self.prepare(img)
         t0 = time.perf_counter()
         x, ratio_pad = self.preprocess(img)
         t1 = time.perf_counter()
@@ -273,8 +287,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: physical cores)")
     p.add_argument("--compile", action="store_true",
-                   help=".pt on the CPU: torch.compile once for --imgsz (8-20 s, needs a C++ compiler), then "
-                        "1.3-1.7x faster per frame; frames are letterboxed to exactly --imgsz")
+                   help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (5-20 s, "
+                        "needs a C++ compiler), then 1.1-1.4x faster frames; later frames are letterboxed to that shape")
     return p.parse_args(argv)
 
 

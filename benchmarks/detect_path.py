@@ -46,7 +46,8 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
     """Time detect.py's stages on every image of `source` (default: the bundled BCCD val images).
 
     `weights`: a .pt/.onnx/.torchscript file; None builds `cfg` with random weights (nc=3, BCCD's). With
-    `fmt='onnx'` a checkpoint (given or built) is exported to a fixed-size ONNX file first. Random
+    `fmt='onnx'` a checkpoint (given or built) is exported to a fixed-size ONNX file first; with
+    `fmt='ptc'` it runs as `detect.py --compile` (compiled for the first image's shape, untimed). Random
     weights give few or no boxes at conf 0.25, so NMS and draw are then cheaper than with a trained
     model; `dets_per_image` says how many there were.
     """
@@ -69,13 +70,15 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
                 weights = export.run(weights, ("onnx",), imgsz=imgsz, outdir=d, threads=threads)["onnx"]
         det = detect.Detector(detect.DetectOptions(weights=weights, source=source or detect.DEFAULT_SOURCE,
                                                    imgsz=imgsz, conf_thres=conf_thres, nosave=True,
-                                                   project=Path(d) / "runs", threads=threads))
+                                                   project=Path(d) / "runs", threads=threads,
+                                                   compile=fmt == "ptc"))
         files = [f for f, k in zip(det.source.items, det.source.kinds) if k == "image"]
         if not files:
             raise ValueError(f"{source}: no images to time the detect path on")
         draw_args = {"line_thickness": det.opts.line_thickness, "hide_labels": False, "hide_conf": False}
         times: dict[str, list[float]] = {k: [] for k in STAGES}
         n_det, order = 0, files[:warmup] + files * passes
+        det.prepare(read_image(files[0]))  # --compile: compiles here, for the first image's shape
         for k, f in enumerate(order):
             t = [time.perf_counter()]
             img = read_image(f)
@@ -99,7 +102,8 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
         ms = {s: statistics.median(v) for s, v in times.items()}
         ms["total"] = statistics.median([sum(v) for v in zip(*times.values())])
         n = len(times["read"])
-        return PathResult(ms, n, n_det / n, Path(weights).name, det.backend.fmt, tuple(det.imgsz))
+        used = det.backend.fmt + (" --compile" if det.backend.compiled else "")
+        return PathResult(ms, n, n_det / n, Path(weights).name, used, tuple(det.imgsz))
 
 
 def markdown(r: PathResult) -> str:
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help=".pt/.onnx/.torchscript (default: random-weight --cfg)")
     p.add_argument("--cfg", default="models/mobilenetv3-small-yolo.yaml")
-    p.add_argument("--format", default="pt", choices=("pt", "onnx"), help="with random weights")
+    p.add_argument("--format", default="pt", choices=("pt", "ptc", "onnx"),
+                   help="pt, ptc (detect.py --compile) or onnx (exported from the checkpoint)")
     p.add_argument("--source", default=None, help="images (default: data/bccd/images/val)")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--threads", type=int, default=2)

@@ -39,7 +39,7 @@ def test_smoke_run_writes_a_complete_report(tiny_yaml, tmp_path, monkeypatch):
     assert row["pt"][64] > 0 and row["onnx"][64] > 0
     assert row["ptc"][64] > 0 and row["compile_s"][64] > 0  # detect.py --compile, compiled before timing
     assert row["train"]["img_s"] > 0 and row["train"]["peak_rss_mb"] > 50  # benchmarks/train_speed.py, subprocess
-    assert [d.fmt for d in rep.detect] == ["pt", "onnx"]
+    assert [d.fmt for d in rep.detect] == ["pt", "pt --compile", "onnx"]
     assert all(d.images == 3 and set(detect_path.STAGES) <= set(d.ms) for d in rep.detect)
     text = out.read_text()
     assert "| tiny-yolo |" in text and "GFLOPs 64" in text and "ORT 64 (ms)" in text

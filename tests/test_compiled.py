@@ -93,26 +93,34 @@ def test_backend_falls_back_to_packing_when_compile_fails(tmp_path, monkeypatch)
     pt = make_checkpoint(tmp_path / "w.pt")
     monkeypatch.setattr(CompiledDecoder, "build", classmethod(lambda cls, *a, **k: None))
     b, eager = DetectBackend(pt, threads=1, compile=True), DetectBackend(pt, threads=1, pack=False)
-    assert b.fixed_input and not b.compiled  # callers letterbox to imgsz before the first call decides
+    assert not b.fixed_input and not b.compiled  # any size, until a compiled shape exists
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(b(x), eager(x), rtol=1e-4, atol=1e-3)
     assert not b.compiled and b.compile_s is None and b.packed > 0 and not b.fixed_input
 
 
-def test_detect_compile_letterboxes_to_imgsz_and_matches_eager(tmp_path, caplog):
+def test_detect_compiles_for_the_first_frame_and_letterboxes_later_frames_to_it(tmp_path, caplog):
+    import cv2
+
     pt = make_checkpoint(tmp_path / "best.pt", names=["cell", "blob"], obj_logit=3.0)
-    src = make_images(tmp_path / "imgs", n=2, size=(96, 64))[0].parent  # not square: eager pads to 64x96
+    src = make_images(tmp_path / "imgs", n=2, size=(96, 64))[0].parent  # landscape: 64x96 after letterbox
+    portrait = make_images(tmp_path / "other", n=1, size=(64, 96), seed=1)[0]
+    cv2.imwrite(str(src / "z_portrait.png"), cv2.imread(str(portrait)))  # last in the folder's order
     common = {"weights": pt, "source": src, "imgsz": 96, "nosave": True, "threads": 1, "project": tmp_path}
     with caplog.at_level(logging.INFO, logger="mobileyolo.detect"):
         fast = detect.Detector(detect.DetectOptions(compile=True, name="c", **common))
+        assert not fast.backend.compiled  # nothing compiled before the first frame is known
+        shapes, real = [], fast.preprocess
+        fast.preprocess = lambda img: (lambda r: shapes.append(tuple(r[0].shape)) or r)(real(img))
         got = [r.det for r in fast.frames()]
-    assert fast.backend.compiled and fast.speed.shape == (1, 3, 96, 96)
-    assert "compiled best.pt for 96x96" in caplog.text and "(pt, compiled)" in fast.summary()
+    assert fast.backend.compiled and shapes == [(1, 3, 64, 96)] * 3  # the portrait frame too: no eager, no recompile
+    assert "compiled best.pt for 64x96" in caplog.text and "(pt, compiled)" in fast.summary()
     plain = detect.Detector(detect.DetectOptions(name="e", **common))
-    plain.letterbox = lambda img: detect.Detector.letterbox(fast, img)  # same square padding, eager model
     want = [r.det for r in plain.frames()]
-    assert not plain.backend.compiled and len(got) == 2
-    for a, b in zip(got, want):
+    assert not plain.backend.compiled and len(got) == 3
+    boxes = got[2][:, :4]  # the portrait frame's boxes come back in its own 64x96 (w x h) pixels
+    assert len(boxes) and boxes[:, [0, 2]].max() <= 64 and boxes[:, [1, 3]].max() <= 96 and boxes.min() >= 0
+    for a, b in zip(got[:2], want[:2]):  # same-sized frames: the same letterbox and detections as eager
         assert a.shape == b.shape and len(a) > 0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
 
@@ -127,3 +135,25 @@ def test_detect_compile_on_onnx_weights_warns(tmp_path, caplog):
         d = detect.Detector(detect.DetectOptions(weights=onnx, source=src, imgsz=64, compile=True, nosave=True,
                                                  project=tmp_path))
     assert "--compile applies to .pt weights only" in caplog.text and not d.backend.compiled
+
+
+def test_many_compiles_in_one_process_fit_under_dynamo_limits(built, monkeypatch):
+    import torch._dynamo
+
+    # every build is a graph of the same Decoder.forward; past Dynamo's limit a fullgraph compile fails
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    c = CompiledDecoder.build(tiny_decoder(), cl(1, 3, 32, 64))
+    assert c is not None and torch._dynamo.config.recompile_limit == 1  # room was scoped to the build
+
+
+def test_a_compiled_graph_that_fails_later_switches_to_eager(built, monkeypatch, caplog):
+    dec, c = built
+    c2 = CompiledDecoder(dec, None, cl(1, 3, 64, 96), 1.0)
+    c2.fn = lambda x: (_ for _ in ()).throw(RuntimeError("guard failed: recompile limit\ndetails"))
+    x = cl(1, 3, 64, 96)
+    with caplog.at_level(logging.WARNING, logger="mobileyolo.backend"):
+        out = c2(x)
+    assert "compiled model failed (RuntimeError: guard failed: recompile limit); running eager" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(out, dec(x))
+    assert c2.fn is None and torch.equal(c2(x), out)  # stays eager, no second warning needed

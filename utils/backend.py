@@ -128,8 +128,8 @@ class DetectBackend:
     `compile` (.pt with `fuse`, CPU): instead of packing, torch.compile model + decode on the first
     call for that call's shape and memory layout (`utils.compiled`; 8-20 s once, then 1.3-1.7x
     faster); inputs of another shape run eager. `compiled` then says whether it is in use and
-    `compile_s` how long it took. `fixed_input`: whether callers should letterbox every frame to
-    exactly `imgsz` (a fixed-size export, or `compile`, where another shape would run eager).
+    `compile_s` how long it took. `fixed_input`: whether callers should letterbox every frame to one
+    shape (a fixed-size export's `imgsz`; once compiled, the compiled shape, as others run eager).
     """
 
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
@@ -307,7 +307,7 @@ class DetectBackend:
     @property
     def fixed_input(self) -> bool:
         """Whether every input should be letterboxed to exactly `imgsz` (see the class docstring)."""
-        return not self.dynamic or self._compile or self.compiled
+        return not self.dynamic or self.compiled
 
     def _run_onnx(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)

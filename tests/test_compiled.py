@@ -157,3 +157,15 @@ def test_a_compiled_graph_that_fails_later_switches_to_eager(built, monkeypatch,
     with torch.no_grad():
         torch.testing.assert_close(out, dec(x))
     assert c2.fn is None and torch.equal(c2(x), out)  # stays eager, no second warning needed
+
+
+def test_the_compile_really_freezes_and_packs_the_weights():
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    before = inductor_config.freezing
+    c, code = run_and_get_code(CompiledDecoder.build, tiny_decoder(), cl(1, 3, 48, 64))
+    text = "\n".join(code)
+    # frozen weights are pre-packed for oneDNN: packed conv calls, no plain aten convolutions left
+    assert c is not None and "_convolution_pointwise" in text and "extern_kernels.convolution(" not in text
+    assert inductor_config.freezing == before  # the settings were scoped to the compile

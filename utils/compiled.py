@@ -23,7 +23,10 @@ import torch
 from torch import nn
 
 LOGGER = logging.getLogger("mobileyolo.backend")
-OPTIONS = {"freezing": True, "cpp_wrapper": True}  # per-compile Inductor settings; nothing global is flipped
+# Inductor settings for our compiles only, patched around the compiling call (so nothing global stays
+# flipped). Not torch.compile(options=...): in torch 2.14 that silently drops `freezing` (the graph then
+# kept 49 plain aten convolutions instead of 59 packed oneDNN ones).
+OPTIONS = {"freezing": True, "cpp_wrapper": True}
 _NOISY_LOGGERS = ("torch.utils.cpp_extension", "torch._inductor", "torch._dynamo")
 
 
@@ -51,8 +54,10 @@ class CompiledDecoder:
         try:
             for name in _NOISY_LOGGERS:  # e.g. "No CUDA runtime is found" on every CPU-only compile
                 logging.getLogger(name).setLevel(logging.ERROR)
-            fn = torch.compile(decoder, dynamic=False, fullgraph=True, options=OPTIONS)
-            with _recompile_room():
+            import torch._inductor.config as inductor_config
+
+            fn = torch.compile(decoder, dynamic=False, fullgraph=True)
+            with _recompile_room(), inductor_config.patch(OPTIONS):  # compiles on this first call
                 out = fn(example)
             ref = decoder(example)
         except Exception as e:  # Inductor raises many types (no compiler, codegen, C++ build): all mean eager

@@ -288,7 +288,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: physical cores)")
     p.add_argument("--compile", action="store_true",
                    help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (5-20 s, "
-                        "needs a C++ compiler), then 1.1-1.4x faster frames; later frames are letterboxed to that shape")
+                        "needs a C++ compiler), then 1.1-1.5x faster frames; later frames are letterboxed to that shape")
     return p.parse_args(argv)
 
 

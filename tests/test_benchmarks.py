@@ -290,3 +290,16 @@ def test_targets_use_paired_rounds_when_present():
     assert "**0.40x**" in lines[0] and "met" in lines[0] and "over 3 rounds" in lines[0]
     assert "**0.70x**" in lines[1] and "MISSED" in lines[1]
     assert "not measured" in lines[2] and "not measured" in lines[3]  # no compiled rows, no training
+
+
+def test_train_profile_times_every_row(tiny_yaml, capsys):
+    from benchmarks import train_profile
+
+    res = train_profile.run(tiny_yaml, imgsz=64, batch=2, steps=1, threads=1)
+    n = len(TINY["backbone"]) + len(TINY["head"])
+    assert [r[0] for r in res["rows"]] == list(range(n)) and all(r[2] > 0 for r in res["rows"])
+    assert res["full"] > 0 and res["loss"] > 0
+    out = capsys.readouterr().out
+    assert "Detect" in out and "full forward + backward" in out
+    with pytest.raises(SystemExit):
+        train_profile.main(["--imgsz", "100"])

@@ -126,7 +126,7 @@ class DetectBackend:
     with weights packed for that call's input shape (`utils.packed_conv`; other shapes still work,
     at some cost); `packed` then says how many were swapped. Pass False to move `model` to a GPU.
     `compile` (.pt with `fuse`, CPU): instead of packing, torch.compile model + decode on the first
-    call for that call's shape and memory layout (`utils.compiled`; 8-20 s once, then 1.3-1.7x
+    call for that call's shape and memory layout (`utils.compiled`; 4-21 s once, then 1.1-1.5x
     faster); inputs of another shape run eager. `compiled` then says whether it is in use and
     `compile_s` how long it took. `fixed_input`: whether callers should letterbox every frame to one
     shape (a fixed-size export's `imgsz`; once compiled, the compiled shape, as others run eager).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,7 +40,8 @@ class CompiledDecoder:
     checks the result against eager and returns None when either fails. `seconds`: compile time.
     """
 
-    def __init__(self, decoder: nn.Module, fn, example: torch.Tensor, seconds: float) -> None:
+    def __init__(self, decoder: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                 example: torch.Tensor, seconds: float) -> None:
         self.decoder, self.fn, self.seconds = decoder, fn, seconds
         self.shape, self.strides = example.shape, example.stride()  # the graph's guards: no recompiles
 

@@ -158,19 +158,22 @@ class Detector:
             if bad:
                 raise DetectError(f"--classes {bad}: the model has classes 0..{self.backend.nc - 1} "
                                   f"({', '.join(self.backend.names)})")
-        self._compile_pending = opts.compile and self.backend.fmt == "pt"  # compiles for the first frame's shape
-        if not self._compile_pending:
+        # .pt packs its weights (or compiles) for the first call's shape: warm up on the first frame's
+        # letterboxed shape (256x320 for a 640x480 photo), not on the square --imgsz
+        self._prepare_pending = self.backend.fmt == "pt"
+        if not self._prepare_pending:
             self.backend.warmup(self.imgsz)  # so the first frame's time excludes lazy initialisation
         self.save_dir = increment_path(Path(opts.project) / opts.name, exist_ok=opts.exist_ok, mkdir=True)
         self.speed = Speed()
         self.detections = 0
 
     def prepare(self, img: np.ndarray) -> None:
-        """With --compile, before the first frame is timed: compile for `img`'s letterboxed shape, and
-        from then on letterbox every frame to that shape (same-sized frames: the usual minimal padding)."""
-        if not self._compile_pending:
+        """Before the first frame is timed (.pt): warm up, i.e. pack or, with --compile, compile, for
+        `img`'s letterboxed shape. Once compiled, every frame is letterboxed to that shape (same-sized
+        frames: the usual minimal padding)."""
+        if not self._prepare_pending:
             return
-        self._compile_pending = False
+        self._prepare_pending = False
         shape = tuple(self.letterbox(img)[0].shape[:2])
         self.backend.warmup(shape)
         if self.backend.compiled:

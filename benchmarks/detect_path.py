@@ -78,7 +78,7 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
         draw_args = {"line_thickness": det.opts.line_thickness, "hide_labels": False, "hide_conf": False}
         times: dict[str, list[float]] = {k: [] for k in STAGES}
         n_det, order = 0, files[:warmup] + files * passes
-        det.prepare(read_image(files[0]))  # --compile: compiles here, for the first image's shape
+        det.prepare(read_image(files[0]))  # .pt: packs (or, ptc, compiles) here, for the first image's shape
         for k, f in enumerate(order):
             t = [time.perf_counter()]
             img = read_image(f)

@@ -230,3 +230,15 @@ def test_memory_stays_flat_over_500_video_frames(weights, tmp_path):
     print(f"RSS {rss[100] / 2**20:.1f} MiB at frame 100, growth to frame 499: {growth:+.2f} MiB")
     assert det.speed.n == 500 and len(list((det.save_dir / "labels").iterdir())) == 500
     assert growth < 8.0, f"RSS grew {growth:.1f} MiB over 400 frames"
+
+
+def test_pt_weights_are_packed_for_the_first_frames_shape(weights, tmp_path, monkeypatch):
+    from utils import packed_conv
+
+    seen, real = [], packed_conv.pack_convs
+    monkeypatch.setattr(packed_conv, "pack_convs", lambda model, x: seen.append(tuple(x.shape)) or real(model, x))
+    src = make_images(tmp_path / "imgs", n=2, size=(96, 64))[0].parent  # landscape: 64x96 letterboxed
+    det = detect.Detector(detect.DetectOptions(weights=weights, source=src, imgsz=96, nosave=True, project=tmp_path))
+    assert seen == [] and det.backend.packed == 0  # not warmed up on the square --imgsz
+    frames = list(det.frames())
+    assert len(frames) == 2 and seen == [(1, 3, 64, 96)] and det.backend.packed > 0

@@ -6,8 +6,8 @@ took 5.4 ms in eager PyTorch against 0.6 ms in ONNX Runtime (README, Benchmarks)
 `freezing` folds the weights into constants and pre-packs them for oneDNN, fuses the elementwise ops
 (hard-swish, squeeze-excite's gate, the decode's sigmoid and grid arithmetic) into generated C++ loops,
 and `cpp_wrapper` runs the whole graph from C++ instead of Python. Measured on the 2-core machine (320,
-batch 1, 2 threads, interleaved; benchmarks/run.py): MobileNetV3-Small-YOLO 11.3 -> 7.6 ms, yolov5n
-16.2 -> 12.8 ms.
+batch 1, 2 threads, interleaved; benchmarks/run.py): MobileNetV3-Small-YOLO 11.5 -> 7.7 ms, yolov5n
+16.4 -> 12.9 ms.
 
 The price is a compile on first use (4-21 s; Inductor's on-disk cache makes a second process faster)
 and one graph per input shape. `CompiledDecoder` therefore compiles for one shape and runs every other

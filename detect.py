@@ -290,7 +290,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: physical cores)")
     p.add_argument("--compile", action="store_true",
-                   help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (5-20 s, "
+                   help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (4-21 s, "
                         "needs a C++ compiler), then 1.1-1.5x faster frames; later frames are letterboxed to that shape")
     return p.parse_args(argv)
 

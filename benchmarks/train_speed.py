@@ -46,9 +46,10 @@ def _peak_rss_mb() -> float:
 
 
 def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2, threads: int = 0,
-            nc: int = 3) -> dict:
+            nc: int = 3, freeze: int = 0) -> dict:
     """Train `steps` timed steps (after `warmup`) of `cfg` on random data; return figures as a dict.
 
+    `freeze`: as train.py's --freeze, the first rows' parameters get no gradients (backward stops there).
     Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`.
     """
     import torch
@@ -57,12 +58,13 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
     from models.yolo import Model
     from utils.data import load_hyp
     from utils.loss import ComputeLoss
-    from utils.optim import build_optimizer
+    from utils.optim import build_optimizer, freeze_layers
 
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)  # as train.py trains
+    freeze_layers(model, freeze)
     hyp = load_hyp()
     loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, hyp, imgsz=imgsz)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -89,7 +91,7 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
 
 
 def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2,
-        threads: int = 0, rounds: int = 1) -> list[dict]:
+        threads: int = 0, rounds: int = 1, freeze: int = 0) -> list[dict]:
     """Measure each YAML in a fresh subprocess and print the markdown table; return the rows.
 
     With `rounds` > 1 every model is measured once per round, models in turn, and a row pools the
@@ -102,7 +104,7 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps:
     for r in range(max(1, rounds)):
         for cfg in cfgs:
             cmd = [sys.executable, __file__, "--one", cfg, "--imgsz", str(imgsz), "--batch", str(batch),
-                   "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+                   "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--freeze", str(freeze)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"{cfg}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -120,7 +122,8 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps:
     import torch
 
     print(f"\nTraining speed, CPU, nc=3, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
-          f"median of {steps} steps (forward + loss + backward + SGD step; no data loading):\n")
+          f"median of {steps} steps (forward + loss + backward + SGD step; no data loading"
+          f"{f'; rows 0-{freeze - 1} frozen' if freeze else ''}):\n")
     print("| model | params (M) | train img/s | step (ms) | peak RSS (MiB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -137,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--rounds", type=int, default=1, help="measure every model this many times, in turn")
+    p.add_argument("--freeze", type=int, default=0, help="freeze the first N rows, as train.py --freeze")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one YAML, print JSON
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure(a.one, a.imgsz, a.batch, a.steps, a.warmup, a.threads)))
+        print(json.dumps(measure(a.one, a.imgsz, a.batch, a.steps, a.warmup, a.threads, freeze=a.freeze)))
         return
-    run(a.cfg, a.imgsz, a.batch, a.steps, a.warmup, a.threads, a.rounds)
+    run(a.cfg, a.imgsz, a.batch, a.steps, a.warmup, a.threads, a.rounds, a.freeze)
 
 
 if __name__ == "__main__":

@@ -230,9 +230,9 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
         for r in rep.rows:
             r["train"] = train.get(r["cfg"])
     dcfg = Path(detect_cfg) if detect_cfg else next((c for c in cfgs if c.stem == SMALL), cfgs[0])
+    # at the default size: a 64 px row (asked for to see fixed costs) would make every stage dwarf the model
+    dsize = 320 if 320 in sizes else min(sizes)
     for fmt in ("pt", "ptc", "onnx") if compile else ("pt", "onnx"):
-        # at the default size: a 64 px row (asked for to see fixed costs) would make every stage dwarf the model
-        dsize = 320 if 320 in sizes else min(sizes)
         rep.detect.append(detect_path.run(detect_weights, dcfg, detect_source, dsize, threads, fmt=fmt))
         if detect_weights and Path(detect_weights).suffix not in PT_SUFFIXES:  # an export has one format
             break

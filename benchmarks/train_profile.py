@@ -34,13 +34,13 @@ def _median_ms(fn, steps: int, warmup: int = 2) -> float:
 
 def _inputs_per_row(model, x: torch.Tensor) -> list:
     """What each row of `model.layers` receives in a forward pass on `x` (detached)."""
-    ins, y, out = [], {}, x
+    from models.yolo import row_input
+
+    ins, y = [], {}
     with torch.no_grad():
         for m in model.layers:
-            inp = out if m.f == -1 else (y[m.f] if isinstance(m.f, int) else [out if j == -1 else y[j] for j in m.f])
-            ins.append(inp)
-            out = m(inp)
-            y[m.i] = out
+            ins.append(row_input(m, x, y))
+            x = y[m.i] = m(ins[-1])
     return ins
 
 

@@ -43,6 +43,14 @@ def load_cfg(cfg: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
     return d, str(path)
 
 
+def row_input(m: nn.Module, x: Any, y: dict[int, Any]) -> Any:
+    """What row `m` takes: the previous row's output `x` (from -1), or saved outputs `y[j]` (a list for
+    several froms, -1 standing for `x`)."""
+    if m.f == -1:
+        return x
+    return y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+
+
 class Model(nn.Module):
     """YAML-built network (see docs/CONTRACTS.md, "Model").
 
@@ -79,8 +87,7 @@ class Model(nn.Module):
         y: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         for m in self.layers:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = row_input(m, x, y)
             if check:
                 try:
                     x = m(x)

@@ -136,7 +136,7 @@ class DetectBackend:
                  malloc: bool = True, spin: bool | None = None, pack: bool = True,
                  compile: bool = False) -> None:
         self.spin = spin
-        self.compiled, self.compile_s, self._compile = False, None, False
+        self._compiled, self._compile = None, False  # utils.compiled.CompiledDecoder once built
         if malloc:
             tune_malloc()
         self.file = Path(weights)
@@ -299,10 +299,18 @@ class DetectBackend:
 
         self._compile = False
         self._compiled = CompiledDecoder.build(self.model, torch.rand_like(x))  # random: a real parity check
-        self.compiled = self._compiled is not None
         if self.compiled:
             self._pack_on_first_call = False  # packing would swap modules under the compiled graph's guards
-            self.compile_s = self._compiled.seconds
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile` produced a graph that is in use."""
+        return self._compiled is not None
+
+    @property
+    def compile_s(self) -> float | None:
+        """Seconds the compile took; None when nothing was compiled."""
+        return self._compiled.seconds if self._compiled is not None else None
 
     @property
     def fixed_input(self) -> bool:

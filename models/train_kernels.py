@@ -1,0 +1,140 @@
+"""Training-time CPU fast path for `ConvBNAct`: depthwise weight gradient and fused BatchNorm + activation.
+
+`conv_bn_act(module, x)` computes `module.act(module.bn(module.conv(x)))` in train mode with the same
+results as PyTorch (to float32 rounding; running statistics updated the same way), but:
+
+- a depthwise conv's weight gradient comes from our kernel, not oneDNN's grouped-conv path (its
+  forward and input gradient stay oneDNN's);
+- BatchNorm (batch statistics) and the activation are one op: two passes over the tensor forward and
+  two backward, where PyTorch makes five and eight, and only the conv output is saved for backward.
+
+It applies only where it is exact: CPU, float32, grad enabled, channels_last conv output, a plain
+`nn.BatchNorm2d` (affine, running stats, a momentum), an activation in `ACT_CODES`, not inside
+torch.compile / tracing, and the kernels library built (`utils.native`). Otherwise it returns None
+and `ConvBNAct` runs its modules as usual. `MOBILEYOLO_CPU_KERNELS=0` turns it off.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import native
+
+# activations fused into the BatchNorm kernel; any other runs as its own module after it. SiLU has a C
+# version (code 3) but it measured slower than PyTorch's vectorized one, so it is not listed.
+ACT_CODES: dict[type[nn.Module], int] = {nn.Identity: 0, nn.ReLU: 1, nn.Hardswish: 2}
+CL = torch.channels_last
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """`t` with NHWC memory (a copy only when it is not already laid out so)."""
+    return t if t.is_contiguous(memory_format=CL) else t.contiguous(memory_format=CL)
+
+
+class _BNActFn(torch.autograd.Function):
+    """y = act((x - mean) / sqrt(var + eps) * w + b) with batch statistics; also returns mean, var."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, eps: float, act: int, lib):
+        n, c, h, wd = x.shape
+        m, nt = n * h * wd, torch.get_num_threads()
+        y = torch.empty_like(x, memory_format=CL)
+        mean, var = x.new_empty(c), x.new_empty(c)
+        scratch = torch.empty(nt * 2 * c, dtype=torch.float64)
+        wc, bc = w.detach().contiguous(), b.detach().contiguous()
+        lib.bn_act_forward(_ptr(x), _ptr(y), m, c, _ptr(wc), _ptr(bc), eps, act, _ptr(mean), _ptr(var),
+                           _ptr(scratch), nt)
+        invstd = (var + eps).rsqrt()
+        ctx.save_for_backward(x, wc, bc, mean, invstd)
+        ctx.act, ctx.lib = act, lib
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):
+        x, w, b, mean, invstd = ctx.saved_tensors
+        n, c, h, wd = x.shape
+        gy, nt = _nhwc(gy), torch.get_num_threads()
+        gx = torch.empty_like(x, memory_format=CL) if ctx.needs_input_grad[0] else None
+        gw, gb = torch.empty_like(w), torch.empty_like(b)
+        scratch = torch.empty(nt * 2 * c, dtype=torch.float64)
+        ctx.lib.bn_act_backward(_ptr(x), _ptr(gy), _ptr(gx) if gx is not None else None, n * h * wd, c,
+                                _ptr(w), _ptr(b), _ptr(mean), _ptr(invstd), ctx.act, _ptr(gw), _ptr(gb),
+                                _ptr(scratch), nt)
+        return gx, gw, gb, None, None, None
+
+
+class _DepthwiseConvFn(torch.autograd.Function):
+    """F.conv2d(x, w, None, s, p, groups=C) with our weight gradient (square kernel, dilation 1)."""
+
+    @staticmethod
+    def forward(ctx, x, w, s: int, p: int, lib):
+        ctx.save_for_backward(x, w)
+        ctx.s, ctx.p, ctx.lib = s, p, lib
+        return F.conv2d(x, w, None, s, p, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        s, p, k, c = ctx.s, ctx.p, w.shape[-1], x.shape[1]
+        g = _nhwc(g)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], c,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            nt = torch.get_num_threads()
+            gw = torch.empty_like(w)
+            scratch = torch.empty(nt * k * k * c)
+            n, _, h, wd = x.shape
+            ctx.lib.dw_weight_grad(_ptr(x), _ptr(g), _ptr(gw), n, c, h, wd, g.shape[2], g.shape[3], k, s, p,
+                                   _ptr(scratch), nt)
+        return gx, gw, None, None, None
+
+
+def _plain_depthwise(conv: nn.Conv2d) -> bool:
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    return (conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels and conv.bias is None
+            and k[0] == k[1] and s[0] == s[1] and not isinstance(p, str) and p[0] == p[1] and d == (1, 1)
+            and conv.padding_mode == "zeros")
+
+
+def _bn_ok(bn: nn.Module) -> bool:
+    return (type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.momentum is not None
+            and bn.running_mean is not None)
+
+
+def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`module.act(module.bn(module.conv(x)))` on the fast path, or None where it does not apply.
+
+    `module` has `conv` (nn.Conv2d), `bn` and `act`; x is [N, C1, H, W]. Returns [N, C2, H', W'] in
+    channels_last memory and updates `bn`'s running statistics as PyTorch does.
+    """
+    bn, act = module.bn, module.act
+    if (not module.training or not torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+            or x.dim() != 4 or not _bn_ok(bn) or torch.jit.is_scripting()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling() or not x.is_contiguous(memory_format=CL)):
+        return None
+    lib = native.load()
+    if lib is None:
+        return None
+    conv = module.conv
+    if _plain_depthwise(conv) and conv.weight.requires_grad:
+        y = _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], lib)
+    else:
+        y = conv(x)
+    if not y.is_contiguous(memory_format=CL) or y.shape[0] * y.shape[2] * y.shape[3] < 2:
+        return act(bn(y))  # odd layout, or one value per channel (BatchNorm's own error is the right one)
+    code = ACT_CODES.get(type(act), 0)
+    out, mean, var = _BNActFn.apply(y, bn.weight, bn.bias, float(bn.eps), code, lib)
+    with torch.no_grad():
+        m = y.numel() // y.shape[1]
+        bn.num_batches_tracked.add_(1)
+        bn.running_mean.lerp_(mean, bn.momentum)
+        bn.running_var.lerp_(var * (m / (m - 1)), bn.momentum)
+    return out if type(act) in ACT_CODES else act(out)

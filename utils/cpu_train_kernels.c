@@ -1,0 +1,216 @@
+/* CPU training kernels for channels_last (NHWC) float32 tensors; built and loaded by utils/native.py.
+ *
+ * Why they exist (benchmarks/train_profile.py, README "Training speed"): in a MobileNetV3 training step
+ * on an AVX2 CPU, oneDNN computes a depthwise conv's weight gradient with its generic grouped-conv
+ * kernel, 3-6x the time of the forward conv, and BatchNorm + activation are five separate passes over
+ * each (large, expanded) activation forward and eight backward. These kernels do the weight gradient
+ * directly and BatchNorm + activation in two passes each way.
+ *
+ * Layout: an NHWC tensor is an (M, C) row-major matrix, M = N*H*W. Threads split rows (or batch
+ * images) and keep per-thread partial sums in the caller's `scratch`, reduced here in double.
+ * Activation codes: 0 identity, 1 ReLU, 2 hard-swish, 3 SiLU (PyTorch's formulas and subgradients).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+static inline float exp_approx(float x) {
+    /* Cephes-style expf (relative error ~2e-7 on [-87, 88]) written so that the loops vectorize. */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* round to nearest by the 1.5 * 2^23 trick (exact without -ffast-math); floorf kept gcc from vectorizing */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, sizeof s);
+    return p * s;
+}
+
+static inline float act_fwd(float z, int act) {
+    switch (act) {
+    case 1: return z > 0.0f ? z : 0.0f;
+    case 2: { float t = z + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return z * t / 6.0f; }
+    case 3: return z / (1.0f + exp_approx(-z));
+    default: return z;
+    }
+}
+
+static inline float act_grad(float z, int act) {  /* d act / d z */
+    switch (act) {
+    case 1: return z > 0.0f ? 1.0f : 0.0f;
+    case 2: return z < -3.0f ? 0.0f : (z <= 3.0f ? z / 3.0f + 0.5f : 1.0f);
+    case 3: { float s = 1.0f / (1.0f + exp_approx(-z)); return s * (1.0f + z * (1.0f - s)); }
+    default: return 1.0f;
+    }
+}
+
+#define BLOCK 64  /* rows per float partial sum */
+
+static void sum_threads(const double* scratch, int nt, long len, double* out) {
+    for (long c = 0; c < len; c++) out[c] = 0.0;
+    for (int t = 0; t < nt; t++)
+        for (long c = 0; c < len; c++) out[c] += scratch[t * len + c];
+}
+
+#define ROWS_OF_THREAD(M)                                          \
+    int t = omp_get_thread_num(), nth = omp_get_num_threads();    \
+    long m0 = (long)t * (M) / nth, m1 = (long)(t + 1) * (M) / nth;
+
+/* Batch statistics, then y = act(x * scale + shift). Writes mean and biased var (C each).
+ * scratch: nt * 2 * C doubles. */
+void bn_act_forward(const float* x, float* y, long M, long C, const float* w, const float* b,
+                    float eps, int act, float* mean_out, float* var_out, double* scratch, int nt) {
+    memset(scratch, 0, sizeof(double) * 2 * C * nt);
+    #pragma omp parallel num_threads(nt)
+    {
+        ROWS_OF_THREAD(M)
+        double* s = scratch + (long)t * 2 * C;
+        double* ss = s + C;
+        float fs[C], fss[C];  /* float sums over a block of rows (vectorizes 8-wide), added up in double */
+        for (long mb = m0; mb < m1; mb += BLOCK) {
+            long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
+            for (long c = 0; c < C; c++) fs[c] = fss[c] = 0.0f;
+            for (long m = mb; m < me; m++) {
+                const float* xr = x + m * C;
+                for (long c = 0; c < C; c++) { fs[c] += xr[c]; fss[c] += xr[c] * xr[c]; }
+            }
+            for (long c = 0; c < C; c++) { s[c] += fs[c]; ss[c] += fss[c]; }
+        }
+    }
+    double tot[2 * C];
+    sum_threads(scratch, nt, 2 * C, tot);
+    float scale[C], shift[C];
+    for (long c = 0; c < C; c++) {
+        double mean = tot[c] / M, var = tot[C + c] / M - mean * mean;
+        var = var > 0.0 ? var : 0.0;
+        mean_out[c] = (float)mean;
+        var_out[c] = (float)var;
+        float inv = (float)(1.0 / sqrt(var + eps));
+        scale[c] = w[c] * inv;
+        shift[c] = b[c] - (float)mean * scale[c];
+    }
+    #pragma omp parallel num_threads(nt)
+    {
+        ROWS_OF_THREAD(M)
+        for (long m = m0; m < m1; m++) {
+            const float* xr = x + m * C;
+            float* yr = y + m * C;
+            switch (act) {  /* one loop per activation so that each vectorizes */
+            case 1: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 1); break;
+            case 2: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 2); break;
+            case 3: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 3); break;
+            default: for (long c = 0; c < C; c++) yr[c] = xr[c] * scale[c] + shift[c];
+            }
+        }
+    }
+}
+
+/* Gradients of y = act(BN(x)) given gy: gw, gb (C each) and, when gx is not NULL, gx (M x C).
+ * mean / invstd are the forward's batch statistics. scratch: nt * 2 * C doubles. */
+void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C, const float* w,
+                     const float* b, const float* mean, const float* invstd, int act, float* gw,
+                     float* gb, double* scratch, int nt) {
+    float scale[C], shift[C];
+    for (long c = 0; c < C; c++) { scale[c] = w[c] * invstd[c]; shift[c] = b[c] - mean[c] * scale[c]; }
+    memset(scratch, 0, sizeof(double) * 2 * C * nt);
+    #pragma omp parallel num_threads(nt)
+    {
+        ROWS_OF_THREAD(M)
+        double* sg = scratch + (long)t * 2 * C;
+        double* sgx = sg + C;
+        float gz[C], fg[C], fgx[C];
+        for (long mb = m0; mb < m1; mb += BLOCK) {
+            long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
+            for (long c = 0; c < C; c++) fg[c] = fgx[c] = 0.0f;
+            for (long m = mb; m < me; m++) {
+                const float* xr = x + m * C;
+                const float* gr = gy + m * C;
+                switch (act) {
+                case 1: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 1); break;
+                case 2: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 2); break;
+                case 3: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 3); break;
+                default: for (long c = 0; c < C; c++) gz[c] = gr[c];
+                }
+                for (long c = 0; c < C; c++) { fg[c] += gz[c]; fgx[c] += gz[c] * (xr[c] - mean[c]); }
+            }
+            for (long c = 0; c < C; c++) { sg[c] += fg[c]; sgx[c] += (double)fgx[c] * invstd[c]; }
+        }
+    }
+    double tot[2 * C];
+    sum_threads(scratch, nt, 2 * C, tot);
+    float k1[C], k2[C];
+    for (long c = 0; c < C; c++) {
+        gb[c] = (float)tot[c];
+        gw[c] = (float)tot[C + c];
+        k1[c] = (float)(tot[c] / M);
+        k2[c] = (float)(tot[C + c] / M);
+    }
+    if (!gx) return;
+    #pragma omp parallel num_threads(nt)
+    {
+        ROWS_OF_THREAD(M)
+        float gz[C];
+        for (long m = m0; m < m1; m++) {
+            const float* xr = x + m * C;
+            const float* gr = gy + m * C;
+            float* o = gx + m * C;
+            switch (act) {
+            case 1: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 1); break;
+            case 2: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 2); break;
+            case 3: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 3); break;
+            default: for (long c = 0; c < C; c++) gz[c] = gr[c];
+            }
+            for (long c = 0; c < C; c++) {
+                float xhat = (xr[c] - mean[c]) * invstd[c];
+                o[c] = w[c] * invstd[c] * (gz[c] - k1[c] - xhat * k2[c]);
+            }
+        }
+    }
+}
+
+/* Weight gradient of a depthwise conv (groups = C, one filter per channel, square k, stride s,
+ * zero padding p, dilation 1): gw[c][i][j] = sum over n, ho, wo of x[n, ho*s+i-p, wo*s+j-p, c] *
+ * g[n, ho, wo, c]. x: N,H,W,C; g: N,Ho,Wo,C; gw: C*k*k. scratch: nt * k*k * C floats. */
+void dw_weight_grad(const float* x, const float* g, float* gw, long N, long C, long H, long W,
+                    long Ho, long Wo, long k, long s, long p, float* scratch, int nt) {
+    const long CB = 64;  /* channel block: the k*k accumulator rows of a block stay in L1 */
+    memset(scratch, 0, sizeof(float) * k * k * C * nt);
+    #pragma omp parallel num_threads(nt)
+    {
+        ROWS_OF_THREAD(N)
+        float* acc = scratch + (long)t * k * k * C;
+        for (long c0 = 0; c0 < C; c0 += CB) {
+            long cn = C - c0 < CB ? C - c0 : CB;
+            for (long n = m0; n < m1; n++)
+            for (long ho = 0; ho < Ho; ho++)
+            for (long wo = 0; wo < Wo; wo++) {
+                const float* gp = g + ((n * Ho + ho) * Wo + wo) * C + c0;
+                for (long i = 0; i < k; i++) {
+                    long h = ho * s + i - p;
+                    if (h < 0 || h >= H) continue;
+                    for (long j = 0; j < k; j++) {
+                        long w = wo * s + j - p;
+                        if (w < 0 || w >= W) continue;
+                        const float* xp = x + ((n * H + h) * W + w) * C + c0;
+                        float* a = acc + (i * k + j) * C + c0;
+                        for (long c = 0; c < cn; c++) a[c] += xp[c] * gp[c];
+                    }
+                }
+            }
+        }
+    }
+    for (long c = 0; c < C; c++)
+        for (long q = 0; q < k * k; q++) {
+            double v = 0.0;
+            for (int t = 0; t < nt; t++) v += scratch[((long)t * k * k + q) * C + c];
+            gw[c * k * k + q] = (float)v;
+        }
+}

@@ -1,0 +1,120 @@
+"""Build and load `cpu_train_kernels.c` (the CPU training kernels) as a shared library, once per machine.
+
+The C file is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`/`clang`),
+`-O3 -march=native -fopenmp`, into a cache folder (`$MOBILEYOLO_CACHE`, else `~/.cache/mobileyolo`),
+named by a hash of the source, the flags, the compiler and the CPU's feature flags: a cache shared by
+machines with different CPUs never hands one a library built for the other. The build writes to a
+temporary file and then `os.replace`s it, so concurrent first uses (DDP workers) cannot see a half
+written library. OpenMP: the library links `libgomp.so.1`; the dynamic loader hands it the copy
+PyTorch has already loaded, so its threads are PyTorch's.
+
+Everything degrades: with no compiler, a failed build, a failed load, or `MOBILEYOLO_CPU_KERNELS=0`,
+`load()` returns None (with one warning naming the cause) and callers keep PyTorch's own kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+LOGGER = logging.getLogger("mobileyolo.native")
+SOURCE = Path(__file__).with_name("cpu_train_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # C function -> argument types (all return void)
+    "bn_act_forward": [_P, _P, _L, _L, _P, _P, _F, _I, _P, _P, _P, _I],
+    "bn_act_backward": [_P, _P, _P, _L, _L, _P, _P, _P, _P, _I, _P, _P, _P, _I],
+    "dw_weight_grad": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _L, _L, _P, _I],
+}
+_STATE: dict[str, object] = {}  # "lib": the loaded CDLL or None once tried; "why": reason it is None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOBILEYOLO_CACHE") or Path.home() / ".cache" / "mobileyolo")
+
+
+def compiler() -> str | None:
+    """The C compiler to use: `$CC` when set (even if missing, so that a wrong CC is reported), else the first found."""
+    if os.environ.get("CC"):
+        return os.environ["CC"]
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(cc: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, _cpu_flags()]).encode())
+    return cache_dir() / f"cpu_train_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build(cc: str, out: Path) -> None:
+    """Compile SOURCE into `out` atomically; raise RuntimeError with the compiler's first error line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        try:
+            res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=False, capture_output=True,
+                                 text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"{cc}: {e}") from None
+        if res.returncode != 0:
+            err = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip()[:300])
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {err}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernels library (built on first use), or None when unavailable; tried once per process."""
+    if "lib" in _STATE:
+        return _STATE["lib"]  # type: ignore[return-value]
+    _STATE["lib"], _STATE["why"] = None, ""
+    if os.environ.get("MOBILEYOLO_CPU_KERNELS") == "0":
+        _STATE["why"] = "disabled by MOBILEYOLO_CPU_KERNELS=0"
+        return None
+    try:
+        import torch  # noqa: F401 - load PyTorch's libgomp first, so that the library shares it
+
+        cc = compiler()
+        if cc is None:
+            raise RuntimeError("no C compiler found (set CC)")
+        path = library_path(cc)
+        if not path.is_file():
+            build(cc, path)
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    except (OSError, RuntimeError, AttributeError) as e:
+        _STATE["why"] = str(e)
+        LOGGER.warning("CPU training kernels unavailable, using PyTorch's (slower): %s", e)
+        return None
+    _STATE["lib"] = lib
+    return lib
+
+
+def unavailable_reason() -> str:
+    """Why `load()` returned None ('' when it loaded or was not tried)."""
+    return str(_STATE.get("why", ""))
+
+
+def reset() -> None:
+    """Forget the loaded library so that the next `load()` tries again (tests, changed environment)."""
+    _STATE.clear()

@@ -6,7 +6,8 @@ results as PyTorch (to float32 rounding; running statistics updated the same way
 - a depthwise conv's weight gradient comes from our kernel, not oneDNN's grouped-conv path (its
   forward and input gradient stay oneDNN's);
 - BatchNorm (batch statistics) and the activation are one op: two passes over the tensor forward and
-  two backward, where PyTorch makes five and eight, and only the conv output is saved for backward.
+  two backward, where PyTorch makes five and eight, and only the conv output is saved for backward;
+- `squeeze_excite` (SELayer): the backward is two passes over the input instead of six.
 
 It applies only where it is exact: CPU, float32, grad enabled, channels_last conv output, a plain
 `nn.BatchNorm2d` (affine, running stats, a momentum), an activation in `ACT_CODES`, not inside
@@ -109,6 +110,55 @@ def _bn_ok(bn: nn.Module) -> bool:
             and bn.running_mean is not None)
 
 
+def _se_gate(pooled, w1, b1, w2, b2):  # noqa: ANN001, ANN202 - [B, C] -> [B, C], SELayer's formula
+    h = F.relu(F.linear(pooled, w1.flatten(1), b1))
+    return F.hardsigmoid(F.linear(h, w2.flatten(1), b2))
+
+
+class _SEFn(torch.autograd.Function):
+    """x * gate(mean over H, W of x)[:, :, None, None]; backward in two passes over x instead of six."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, lib):  # noqa: ANN001
+        pooled = x.mean((2, 3))
+        gate = _se_gate(pooled, w1, b1, w2, b2)
+        ctx.save_for_backward(x, pooled, gate, w1, b1, w2, b2)
+        ctx.lib = lib
+        return x * gate[:, :, None, None]
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001
+        x, pooled, gate, *ws = ctx.saved_tensors
+        n, c, h, w = x.shape
+        gy, nt = _nhwc(gy), torch.get_num_threads()
+        g_gate = x.new_empty(n, c)
+        ctx.lib.se_gate_grad(_ptr(x), _ptr(gy), _ptr(g_gate), n, h * w, c, nt)
+        with torch.enable_grad():  # the gate MLP is [B, C]-sized: let autograd differentiate a re-run of it
+            leaves = [t.detach().requires_grad_() for t in (pooled, *ws)]
+            grads = torch.autograd.grad(_se_gate(*leaves), leaves, g_gate)
+        g_pool = (grads[0] / (h * w)).contiguous()
+        gx = torch.empty_like(x, memory_format=CL)
+        ctx.lib.se_input_grad(_ptr(gy), _ptr(gate.contiguous()), _ptr(g_pool), _ptr(gx), n, h * w, c, nt)
+        return (gx, *grads[1:], None)
+
+
+def _eligible(module: nn.Module, x: torch.Tensor):  # noqa: ANN202 - the library, or None
+    """The kernels library when `module(x)` can take the fast path (see the module docstring), else None."""
+    if (not module.training or not torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+            or x.dim() != 4 or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or not x.is_contiguous(memory_format=CL)):
+        return None
+    return native.load()
+
+
+def squeeze_excite(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """SELayer `module` (fc1, fc2 1x1 convs with bias) on x [N, C, H, W] on the fast path, or None."""
+    lib = _eligible(module, x)
+    if lib is None or module.fc1.bias is None or module.fc2.bias is None:
+        return None
+    return _SEFn.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, lib)
+
+
 def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """`module.act(module.bn(module.conv(x)))` on the fast path, or None where it does not apply.
 
@@ -116,11 +166,7 @@ def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     channels_last memory and updates `bn`'s running statistics as PyTorch does.
     """
     bn, act = module.bn, module.act
-    if (not module.training or not torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-            or x.dim() != 4 or not _bn_ok(bn) or torch.jit.is_scripting()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling() or not x.is_contiguous(memory_format=CL)):
-        return None
-    lib = native.load()
+    lib = _eligible(module, x) if _bn_ok(bn) else None
     if lib is None:
         return None
     conv = module.conv

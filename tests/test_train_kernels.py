@@ -230,3 +230,33 @@ def test_build_into_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
         assert native.load() is not None and list(tmp_path.iterdir()) == files  # reused, not rebuilt
     finally:
         native.reset()
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+def test_squeeze_excite_matches_pytorch(threads, torch_only, lib):
+    from models.mobilenetv3 import SELayer
+
+    torch.manual_seed(0)
+    se = SELayer(40).train()
+    x = torch.randn(3, 40, 7, 9).contiguous(memory_format=CL).requires_grad_()
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = se(x)
+        assert type(y.grad_fn).__name__ == "_SEFnBackward"
+        gy = torch.randn_like(y)[:, :, :, :]
+        y.backward(gy.contiguous())  # NCHW upstream gradient: copied to channels_last inside
+        fast = [x.grad.clone()] + [p.grad.clone() for p in se.parameters()]
+        x.grad = None
+        se.zero_grad()
+        torch_only()
+        y2 = se(x)
+        y2.backward(gy)
+    finally:
+        torch.set_num_threads(n0)
+    assert "_SEFn" not in type(y2.grad_fn).__name__
+    _close(y, y2, "output")
+    for what, a, b in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], fast,
+                          [x.grad] + [p.grad for p in se.parameters()]):
+        _close(a, b, f"{what} grad")

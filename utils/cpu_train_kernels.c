@@ -63,6 +63,79 @@ static void sum_threads(const double* scratch, int nt, long len, double* out) {
 #define ROWS_OF_THREAD(M)                                          \
     int t = omp_get_thread_num(), nth = omp_get_num_threads();    \
     long m0 = (long)t * (M) / nth, m1 = (long)(t + 1) * (M) / nth;
+#define INLINE static inline __attribute__((always_inline))
+/* Call WORKER(..., act) with a constant act, so that each activation gets its own vectorized copy. */
+#define BY_ACT(act, WORKER, ...)                                   \
+    switch (act) {                                                 \
+    case 1: WORKER(__VA_ARGS__, 1); break;                         \
+    case 2: WORKER(__VA_ARGS__, 2); break;                         \
+    case 3: WORKER(__VA_ARGS__, 3); break;                         \
+    default: WORKER(__VA_ARGS__, 0);                               \
+    }
+
+/* Per-channel sum and sum of squares of rows [m0, m1): float over blocks of rows, added up in double. */
+INLINE void stats_rows(const float* restrict x, long m0, long m1, long C, double* restrict s,
+                       double* restrict ss) {
+    float fs[C], fss[C];
+    for (long mb = m0; mb < m1; mb += BLOCK) {
+        long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
+        for (long c = 0; c < C; c++) fs[c] = fss[c] = 0.0f;
+        for (long m = mb; m < me; m++) {
+            const float* restrict xr = x + m * C;
+            for (long c = 0; c < C; c++) { fs[c] += xr[c]; fss[c] += xr[c] * xr[c]; }
+        }
+        for (long c = 0; c < C; c++) { s[c] += fs[c]; ss[c] += fss[c]; }
+    }
+}
+
+INLINE void normalize_rows(const float* restrict x, float* restrict y, long m0, long m1, long C,
+                           const float* restrict scale, const float* restrict shift, const int act) {
+    for (long m = m0; m < m1; m++) {
+        const float* restrict xr = x + m * C;
+        float* restrict yr = y + m * C;
+        for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], act);
+    }
+}
+
+/* Backward pass 1: sums over rows of gz = gy * act'(z) and of gz * (x - mean). */
+INLINE void grad_sums_rows(const float* restrict x, const float* restrict gy, long m0, long m1, long C,
+                           const float* restrict scale, const float* restrict shift,
+                           const float* restrict mean, double* restrict sg, double* restrict sgx,
+                           const int act) {
+    float fg[C], fgx[C];
+    for (long mb = m0; mb < m1; mb += BLOCK) {
+        long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
+        for (long c = 0; c < C; c++) fg[c] = fgx[c] = 0.0f;
+        for (long m = mb; m < me; m++) {
+            const float* restrict xr = x + m * C;
+            const float* restrict gr = gy + m * C;
+            for (long c = 0; c < C; c++) {
+                float gz = gr[c] * act_grad(xr[c] * scale[c] + shift[c], act);
+                fg[c] += gz;
+                fgx[c] += gz * (xr[c] - mean[c]);
+            }
+        }
+        for (long c = 0; c < C; c++) { sg[c] += fg[c]; sgx[c] += fgx[c]; }
+    }
+}
+
+/* Backward pass 2: gx = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)). */
+INLINE void grad_input_rows(const float* restrict x, const float* restrict gy, float* restrict gx, long m0,
+                            long m1, long C, const float* restrict scale, const float* restrict shift,
+                            const float* restrict mean, const float* restrict invstd,
+                            const float* restrict wi, const float* restrict k1, const float* restrict k2,
+                            const int act) {
+    for (long m = m0; m < m1; m++) {
+        const float* restrict xr = x + m * C;
+        const float* restrict gr = gy + m * C;
+        float* restrict o = gx + m * C;
+        for (long c = 0; c < C; c++) {
+            float gz = gr[c] * act_grad(xr[c] * scale[c] + shift[c], act);
+            float xhat = (xr[c] - mean[c]) * invstd[c];
+            o[c] = wi[c] * (gz - k1[c] - xhat * k2[c]);
+        }
+    }
+}
 
 /* Batch statistics, then y = act(x * scale + shift). Writes mean and biased var (C each).
  * scratch: nt * 2 * C doubles. */
@@ -73,17 +146,7 @@ void bn_act_forward(const float* x, float* y, long M, long C, const float* w, co
     {
         ROWS_OF_THREAD(M)
         double* s = scratch + (long)t * 2 * C;
-        double* ss = s + C;
-        float fs[C], fss[C];  /* float sums over a block of rows (vectorizes 8-wide), added up in double */
-        for (long mb = m0; mb < m1; mb += BLOCK) {
-            long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
-            for (long c = 0; c < C; c++) fs[c] = fss[c] = 0.0f;
-            for (long m = mb; m < me; m++) {
-                const float* xr = x + m * C;
-                for (long c = 0; c < C; c++) { fs[c] += xr[c]; fss[c] += xr[c] * xr[c]; }
-            }
-            for (long c = 0; c < C; c++) { s[c] += fs[c]; ss[c] += fss[c]; }
-        }
+        stats_rows(x, m0, m1, C, s, s + C);
     }
     double tot[2 * C];
     sum_threads(scratch, nt, 2 * C, tot);
@@ -100,16 +163,7 @@ void bn_act_forward(const float* x, float* y, long M, long C, const float* w, co
     #pragma omp parallel num_threads(nt)
     {
         ROWS_OF_THREAD(M)
-        for (long m = m0; m < m1; m++) {
-            const float* xr = x + m * C;
-            float* yr = y + m * C;
-            switch (act) {  /* one loop per activation so that each vectorizes */
-            case 1: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 1); break;
-            case 2: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 2); break;
-            case 3: for (long c = 0; c < C; c++) yr[c] = act_fwd(xr[c] * scale[c] + shift[c], 3); break;
-            default: for (long c = 0; c < C; c++) yr[c] = xr[c] * scale[c] + shift[c];
-            }
-        }
+        BY_ACT(act, normalize_rows, x, y, m0, m1, C, scale, shift)
     }
 }
 
@@ -125,54 +179,23 @@ void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C,
     {
         ROWS_OF_THREAD(M)
         double* sg = scratch + (long)t * 2 * C;
-        double* sgx = sg + C;
-        float gz[C], fg[C], fgx[C];
-        for (long mb = m0; mb < m1; mb += BLOCK) {
-            long me = mb + BLOCK < m1 ? mb + BLOCK : m1;
-            for (long c = 0; c < C; c++) fg[c] = fgx[c] = 0.0f;
-            for (long m = mb; m < me; m++) {
-                const float* xr = x + m * C;
-                const float* gr = gy + m * C;
-                switch (act) {
-                case 1: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 1); break;
-                case 2: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 2); break;
-                case 3: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 3); break;
-                default: for (long c = 0; c < C; c++) gz[c] = gr[c];
-                }
-                for (long c = 0; c < C; c++) { fg[c] += gz[c]; fgx[c] += gz[c] * (xr[c] - mean[c]); }
-            }
-            for (long c = 0; c < C; c++) { sg[c] += fg[c]; sgx[c] += (double)fgx[c] * invstd[c]; }
-        }
+        BY_ACT(act, grad_sums_rows, x, gy, m0, m1, C, scale, shift, mean, sg, sg + C)
     }
     double tot[2 * C];
     sum_threads(scratch, nt, 2 * C, tot);
     float k1[C], k2[C];
     for (long c = 0; c < C; c++) {
+        double sgx = tot[C + c] * invstd[c];  /* sum of gz * xhat */
         gb[c] = (float)tot[c];
-        gw[c] = (float)tot[C + c];
+        gw[c] = (float)sgx;
         k1[c] = (float)(tot[c] / M);
-        k2[c] = (float)(tot[C + c] / M);
+        k2[c] = (float)(sgx / M);
     }
     if (!gx) return;
     #pragma omp parallel num_threads(nt)
     {
         ROWS_OF_THREAD(M)
-        float gz[C];
-        for (long m = m0; m < m1; m++) {
-            const float* xr = x + m * C;
-            const float* gr = gy + m * C;
-            float* o = gx + m * C;
-            switch (act) {
-            case 1: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 1); break;
-            case 2: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 2); break;
-            case 3: for (long c = 0; c < C; c++) gz[c] = gr[c] * act_grad(xr[c] * scale[c] + shift[c], 3); break;
-            default: for (long c = 0; c < C; c++) gz[c] = gr[c];
-            }
-            for (long c = 0; c < C; c++) {
-                float xhat = (xr[c] - mean[c]) * invstd[c];
-                o[c] = w[c] * invstd[c] * (gz[c] - k1[c] - xhat * k2[c]);
-            }
-        }
+        BY_ACT(act, grad_input_rows, x, gy, gx, m0, m1, C, scale, shift, mean, invstd, scale, k1, k2)
     }
 }
 
@@ -212,5 +235,42 @@ void dw_weight_grad(const float* x, const float* g, float* gw, long N, long C, l
             double v = 0.0;
             for (int t = 0; t < nt; t++) v += scratch[((long)t * k * k + q) * C + c];
             gw[c * k * k + q] = (float)v;
+        }
+}
+
+/* Squeeze-excite backward, pass 1: gs[n][c] = sum over the HW positions of image n of gy * x.
+ * x, gy: N, HW, C. gs: N*C. Threads split images. */
+void se_gate_grad(const float* x, const float* gy, float* gs, long N, long HW, long C, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (long n = 0; n < N; n++) {
+        double acc[C];
+        float f[C];
+        for (long c = 0; c < C; c++) acc[c] = 0.0;
+        for (long mb = 0; mb < HW; mb += BLOCK) {
+            long me = mb + BLOCK < HW ? mb + BLOCK : HW;
+            for (long c = 0; c < C; c++) f[c] = 0.0f;
+            for (long m = mb; m < me; m++) {
+                const float* restrict xr = x + (n * HW + m) * C;
+                const float* restrict gr = gy + (n * HW + m) * C;
+                for (long c = 0; c < C; c++) f[c] += gr[c] * xr[c];
+            }
+            for (long c = 0; c < C; c++) acc[c] += f[c];
+        }
+        for (long c = 0; c < C; c++) gs[n * C + c] = (float)acc[c];
+    }
+}
+
+/* Squeeze-excite backward, pass 2: gx = gy * gate[n][c] + gpool[n][c] (the pooled input's gradient,
+ * already divided by HW). gy, gx: N, HW, C; gate, gpool: N*C. */
+void se_input_grad(const float* gy, const float* gate, const float* gpool, float* gx, long N, long HW, long C,
+                   int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+    for (long n = 0; n < N; n++)
+        for (long m = 0; m < HW; m++) {
+            const float* restrict gr = gy + (n * HW + m) * C;
+            const float* restrict a = gate + n * C;
+            const float* restrict b = gpool + n * C;
+            float* restrict o = gx + (n * HW + m) * C;
+            for (long c = 0; c < C; c++) o[c] = gr[c] * a[c] + b[c];
         }
 }

@@ -31,6 +31,8 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "bn_act_forward": [_P, _P, _L, _L, _P, _P, _F, _I, _P, _P, _P, _I],
     "bn_act_backward": [_P, _P, _P, _L, _L, _P, _P, _P, _P, _I, _P, _P, _P, _I],
     "dw_weight_grad": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _L, _L, _P, _I],
+    "se_gate_grad": [_P, _P, _P, _L, _L, _L, _I],
+    "se_input_grad": [_P, _P, _P, _P, _L, _L, _L, _I],
 }
 _STATE: dict[str, object] = {}  # "lib": the loaded CDLL or None once tried; "why": reason it is None
 

@@ -8,7 +8,8 @@ Per model: parameters, GFLOPs per size, batch-1 latency (median of `--runs` afte
 (detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included), in PyTorch
 compiled (`detect.py --compile`: torch.compile of model + decode, compiled before timing) and in ONNX
 Runtime (`--threads` intra-op threads, static export, decode in the graph), training images/s at 320
-batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model). Then detect.py's
+batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model) and, for the training
+target, mobilenetv3-small-yolo's and yolov5n's steps taken in turn in one process. Then detect.py's
 per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
 and the issue's targets as ratios measured within this one run, each marked met or missed.
 
@@ -60,6 +61,7 @@ class Report:
     rows: list[dict] = field(default_factory=list)  # per model: cfg, params, gflops{s}, pt{s}, ptc{s}, onnx{s},
     # compile_s{s}, train
     rounds: dict = field(default_factory=dict)  # (cfg stem, format, size) -> per-round latency ms
+    train_pair: dict | None = None  # train_speed.paired() of mobilenetv3-small-yolo and yolov5n
     detect: list = field(default_factory=list)  # detect_path.PathResult per format
     seconds: float = 0.0
     command: str = "python benchmarks/run.py"
@@ -89,6 +91,24 @@ def train_figures(cfgs: list[Path], threads: int, steps: int, rounds: int = 2) -
     return {Path(r["cfg"]).stem: r for r in rows}
 
 
+def train_pair(cfgs: list[Path], threads: int, steps: int) -> dict | None:
+    """train_speed.paired(mobilenetv3-small-yolo, yolov5n) in a fresh subprocess, or None when either
+    model is not among `cfgs` (or the subprocess fails, with a warning)."""
+    import json
+    import subprocess
+
+    by = {c.stem: c for c in cfgs}
+    if SMALL not in by or NANO not in by:
+        return None
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--paired", str(by[SMALL]), str(by[NANO]),
+           "--steps", str(steps), "--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        print(f"warning: paired training steps failed:\n{res.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def ratio(rows: list[dict], key: str, size: int) -> float | None:
     """mobilenetv3-small-yolo's figure over yolov5n's, or None when either is missing."""
     by = {r["cfg"]: r for r in rows}
@@ -105,7 +125,8 @@ def target_lines(rep: Report) -> list[str]:
     """One line per target: measured ratio, bound, met/missed (or not measured).
 
     Latency ratios are the median over rounds of the per-round ratio (`latency.paired_ratio`), with
-    their interquartile range; the training ratio is that of the pooled medians.
+    their interquartile range; the training ratio likewise, over the paired steps of `train_speed.paired`
+    (else, when that did not run, the ratio of the table's pooled medians).
     """
     from benchmarks.latency import paired_ratio
 
@@ -116,6 +137,9 @@ def target_lines(rep: Report) -> list[str]:
         if a and b:
             r, lo, hi = paired_ratio(a, b)
             spread = f", rounds' IQR {lo:.2f}-{hi:.2f} over {len(a)} rounds"
+        if key == "train" and rep.train_pair:
+            r, (lo, hi) = rep.train_pair["ratio"], rep.train_pair["iqr"]
+            spread = f", IQR {lo:.2f}-{hi:.2f} over {rep.train_pair['pairs']} steps of each taken in turn"
         if r is None:
             lines.append(f"- {name}: not measured in this run")
             continue
@@ -174,7 +198,9 @@ def markdown(rep: Report) -> str:
              f"longest of its first-call compiles, on-disk cache as found); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
              f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "
-             f"once per round, in turn); peak RSS of the training process.", "",
+             f"once per round, in turn); peak RSS of the training process. The training target's ratio "
+             f"comes from steps of the two models taken in turn in one process "
+             f"(`benchmarks/train_speed.py --paired`).", "",
              table(rep), ""]
     for d in rep.detect:
         parts += [detect_md(d), ""]
@@ -188,7 +214,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
         threads: int = 2, skip_train: bool = False, train_steps: int = 5, detect_cfg: str | Path | None = None,
         detect_weights: str | Path | None = None, malloc_tune: bool = True, out: str | Path | None = None,
         detect_source: str | Path | None = None, command: str | None = None, ort_spin: bool | None = None,
-        train_rounds: int = 2, compile: bool = True) -> Report:
+        train_rounds: int = 2, compile: bool = True, train_pairs: int = 12) -> Report:
     """Measure, print and (with `out`) write the report; returns it. See the module docstring."""
     import torch
 
@@ -229,6 +255,8 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
             train = {}
         for r in rep.rows:
             r["train"] = train.get(r["cfg"])
+        if train_pairs > 0:
+            rep.train_pair = train_pair(cfgs, threads, train_pairs)
     dcfg = Path(detect_cfg) if detect_cfg else next((c for c in cfgs if c.stem == SMALL), cfgs[0])
     # at the default size: a 64 px row (asked for to see fixed costs) would make every stage dwarf the model
     dsize = 320 if 320 in sizes else min(sizes)
@@ -279,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-train", action="store_true", help="no training column")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per model and round")
     p.add_argument("--train-rounds", type=int, default=2, help="rounds over all models for the training column")
+    p.add_argument("--train-pairs", type=int, default=12,
+                   help="paired steps (one process, models in turn) for the training target's ratio; 0 = none")
     p.add_argument("--detect-cfg", default=None, help="YAML for the detect path (default mobilenetv3-small-yolo)")
     p.add_argument("--detect-weights", default=None, help="trained weights for the detect path (default random)")
     p.add_argument("--no-malloc-tune", action="store_true", help="measure with glibc's default allocator settings")
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.cfg, a.imgsz, a.runs, a.threads, a.skip_train, a.train_steps, a.detect_cfg, a.detect_weights,
         not a.no_malloc_tune, a.out, command=cmd.strip(), ort_spin={"auto": None, "on": True, "off": False}[a.ort_spin],
-        train_rounds=a.train_rounds, compile=not a.no_compile)
+        train_rounds=a.train_rounds, compile=not a.no_compile, train_pairs=a.train_pairs)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                      # every detector YAML in models/, 320 px, batch 16
     python benchmarks/train_speed.py --cfg models/mobilenetv3-small-yolo.yaml --steps 10 --threads 2
+    python benchmarks/train_speed.py --paired models/mobilenetv3-small-yolo.yaml models/yolov5n.yaml --steps 20
 
 Each model runs in its own subprocess so that its peak resident memory (RSS, ru_maxrss; psutil when
 installed) is its own. Inputs are random images with random boxes: data loading is not measured.
@@ -45,12 +46,10 @@ def _peak_rss_mb() -> float:
     return kib / 2**20 if sys.platform == "darwin" else kib / 1024
 
 
-def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2, threads: int = 0,
-            nc: int = 3, freeze: int = 0) -> dict:
-    """Train `steps` timed steps (after `warmup`) of `cfg` on random data; return figures as a dict.
+def training_step(cfg: str, imgsz: int = 320, batch: int = 16, nc: int = 3, freeze: int = 0):  # noqa: ANN201
+    """(model, step): `step()` runs one forward + loss + backward + SGD step of `cfg` on fixed random data.
 
-    `freeze`: as train.py's --freeze, the first rows' parameters get no gradients (backward stops there).
-    Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`.
+    As train.py trains: train mode, channels_last. `freeze`: as --freeze, the first rows get no gradients.
     """
     import torch
 
@@ -60,10 +59,8 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
     from utils.loss import ComputeLoss
     from utils.optim import build_optimizer, freeze_layers
 
-    if threads > 0:
-        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)  # as train.py trains
+    model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)
     freeze_layers(model, freeze)
     hyp = load_hyp()
     loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, hyp, imgsz=imgsz)
@@ -75,19 +72,66 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
     xy = torch.rand(n, 2, generator=g) * (1 - wh) + wh / 2
     targets = torch.cat([torch.arange(batch).repeat_interleave(4)[:, None].float(),
                          torch.randint(0, nc, (n, 1), generator=g).float(), xy, wh], 1)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss, _ = loss_fn(model(imgs), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return model, step
+
+
+def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2, threads: int = 0,
+            nc: int = 3, freeze: int = 0) -> dict:
+    """Train `steps` timed steps (after `warmup`) of `cfg` on random data; return figures as a dict.
+
+    Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`.
+    """
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model, step = training_step(cfg, imgsz, batch, nc, freeze)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]  # median: robust to a noisy, shared machine
+    step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy, shared machine
     return {"cfg": Path(cfg).name, "params": sum(p.numel() for p in model.parameters()) / 1e6,
-            "img_s": batch / step, "step_ms": step * 1e3, "peak_rss_mb": _peak_rss_mb(), "batch": batch,
+            "img_s": batch / step_s, "step_ms": step_s * 1e3, "peak_rss_mb": _peak_rss_mb(), "batch": batch,
             "steps_ms": [t * 1e3 for t in times]}
+
+
+def paired(cfg_a: str, cfg_b: str, imgsz: int = 320, batch: int = 16, steps: int = 10, warmup: int = 2,
+           threads: int = 0) -> dict:
+    """Both models in one process, one step of each in turn: the ratio of their training speeds.
+
+    A slow spell of a shared machine lasts seconds, longer than a step, so it hits both steps of a pair;
+    the median of the per-pair ratios is then far steadier than a ratio of two separate runs.
+    Keys: `ratio` (a's images/s over b's, median over pairs), `iqr` (its quartiles), `pairs`,
+    `img_s` ({cfg name: median images/s}).
+    """
+    import statistics
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    fns = [training_step(c, imgsz, batch)[1] for c in (cfg_a, cfg_b)]
+    times: list[list[float]] = [[], []]
+    for i in range(warmup + steps):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    ratios = sorted(b / a for a, b in zip(*times))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"ratio": statistics.median(ratios), "iqr": (q[0], q[2]), "pairs": len(ratios),
+            "img_s": {Path(c).name: batch / statistics.median(t) for c, t in zip((cfg_a, cfg_b), times)}}
 
 
 def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup: int = 2,
@@ -141,8 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--rounds", type=int, default=1, help="measure every model this many times, in turn")
     p.add_argument("--freeze", type=int, default=0, help="freeze the first N rows, as train.py --freeze")
+    p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
+                   help="print A's training speed over B's, from steps of the two taken in turn in one process")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one YAML, print JSON
     a = p.parse_args(argv)
+    if a.paired:
+        res = paired(*a.paired, a.imgsz, a.batch, a.steps, a.warmup, a.threads)
+        print(json.dumps(res))
+        (na, ia), (nb, ib) = res["img_s"].items()
+        print(f"{na} {ia:.1f} img/s, {nb} {ib:.1f} img/s; ratio {res['ratio']:.2f}x "
+              f"(IQR {res['iqr'][0]:.2f}-{res['iqr'][1]:.2f} over {res['pairs']} pairs)", file=sys.stderr)
+        return
     if a.one:
         print(json.dumps(measure(a.one, a.imgsz, a.batch, a.steps, a.warmup, a.threads, freeze=a.freeze)))
         return

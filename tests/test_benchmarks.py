@@ -313,3 +313,31 @@ def test_train_speed_with_frozen_rows(tiny_yaml, capsys):
     assert "rows 0-1 frozen" in capsys.readouterr().out
     # every parameter frozen leaves nothing to train: the subprocess fails and the row is left out
     assert train_speed.run([str(tiny_yaml)], imgsz=64, batch=2, steps=1, warmup=0, threads=1, freeze=99) == []
+
+
+def test_train_speed_paired_ratio(tiny_yaml, tmp_path):
+    """Two models in one process, steps in turn: the ratio of their speeds with its spread."""
+    from benchmarks import train_speed
+
+    wide = tmp_path / "wide-yolo.yaml"  # the same graph with 4x the channels: clearly slower to train
+    wide.write_text(yaml.safe_dump({**TINY, "width_multiple": 4.0}))
+    res = train_speed.paired(str(tiny_yaml), str(wide), imgsz=64, batch=2, steps=3, warmup=1, threads=1)
+    assert res["pairs"] == 3 and res["iqr"][0] <= res["ratio"] <= res["iqr"][1]
+    a, b = res["img_s"]["tiny-yolo.yaml"], res["img_s"]["wide-yolo.yaml"]
+    assert a > b > 0 and res["ratio"] > 1  # the small model is the faster one, and the ratio says so
+
+
+def test_training_target_uses_the_paired_steps():
+    rows = [{"cfg": bench.SMALL, "pt": {}, "onnx": {}, "train": {"img_s": 30.0}},
+            {"cfg": bench.NANO, "pt": {}, "onnx": {}, "train": {"img_s": 20.0}}]
+    rep = bench.Report({}, [320], 1, 2, rows=rows)
+    assert "**1.50x**" in bench.target_lines(rep)[3]  # no paired steps: the table's ratio
+    rep.train_pair = {"ratio": 2.1, "iqr": (1.9, 2.2), "pairs": 12, "img_s": {}}
+    line = bench.target_lines(rep)[3]
+    assert "**2.10x**" in line and "IQR 1.90-2.20 over 12 steps" in line and line.endswith("met")
+    rep.train_pair["ratio"] = 1.95
+    assert bench.target_lines(rep)[3].endswith("MISSED")
+
+
+def test_train_pair_needs_both_models(tiny_yaml):
+    assert bench.train_pair([tiny_yaml], threads=1, steps=1) is None

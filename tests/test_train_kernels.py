@@ -62,8 +62,16 @@ CASES = [  # c1, c2, k, s, groups, activation, H, W
     (48, 48, 5, 2, 48, nn.Hardswish(), 10, 7),    # depthwise 5x5 stride 2
     (3, 16, 3, 2, 1, nn.Hardswish(), 16, 16),     # stem
     (72, 80, 1, 1, 1, False, 6, 5),               # project: no activation, 80 channels (> one 64-channel block)
-    (8, 16, 3, 1, 1, nn.SiLU(), 8, 8),            # YOLOv5 Conv: BatchNorm fused, SiLU as its own op
+    (8, 16, 3, 1, 1, nn.SiLU(), 8, 8),            # YOLOv5 Conv: PyTorch's BatchNorm and SiLU
+    (16, 16, 3, 2, 16, nn.SiLU(), 9, 9),          # YOLOv5 DWConv: our weight gradient, PyTorch's BN + SiLU
 ]
+
+
+def _graph(fn, depth=4):
+    """Names of the autograd nodes up to `depth` steps behind `fn`."""
+    if fn is None or depth == 0:
+        return []
+    return [type(fn).__name__] + [n for f, _ in fn.next_functions for n in _graph(f, depth - 1)]
 
 
 @needs_cc
@@ -78,7 +86,10 @@ def test_conv_bn_act_matches_pytorch(case, threads, lib):
         x = (torch.randn(3, c1, h, w) * 2 + 0.5).contiguous(memory_format=CL).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
         y, y2 = fast(x), _plain(ref, x2)
-        assert "_BNActFn" in type(y.grad_fn).__name__ or "_BNActFn" in str(y.grad_fn.next_functions)
+        fused = type(fast.act) in train_kernels.ACT_CODES  # else BatchNorm and activation stay PyTorch's
+        assert ("_BNActFn" in type(y.grad_fn).__name__) == fused
+        if g > 1:  # the depthwise weight gradient is ours whatever the activation
+            assert "_DepthwiseConvFn" in str(_graph(y.grad_fn))
         gy = torch.randn_like(y2)
         (y * gy).sum().backward()
         (y2 * gy).sum().backward()

@@ -8,37 +8,16 @@
  *
  * Layout: an NHWC tensor is an (M, C) row-major matrix, M = N*H*W. Threads split rows (or batch
  * images) and keep per-thread partial sums in the caller's `scratch`, reduced here in double.
- * Activation codes: 0 identity, 1 ReLU, 2 hard-swish, 3 SiLU (PyTorch's formulas and subgradients).
+ * Activation codes: 0 identity, 1 ReLU, 2 hard-swish (PyTorch's formulas and subgradients).
  */
 #include <math.h>
-#include <stdint.h>
 #include <string.h>
 #include <omp.h>
-
-static inline float exp_approx(float x) {
-    /* Cephes-style expf (relative error ~2e-7 on [-87, 88]) written so that the loops vectorize. */
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    /* round to nearest by the 1.5 * 2^23 trick (exact without -ffast-math); floorf kept gcc from vectorizing */
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float s;
-    memcpy(&s, &e, sizeof s);
-    return p * s;
-}
 
 static inline float act_fwd(float z, int act) {
     switch (act) {
     case 1: return z > 0.0f ? z : 0.0f;
     case 2: { float t = z + 3.0f; t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t); return z * t / 6.0f; }
-    case 3: return z / (1.0f + exp_approx(-z));
     default: return z;
     }
 }
@@ -47,7 +26,6 @@ static inline float act_grad(float z, int act) {  /* d act / d z */
     switch (act) {
     case 1: return z > 0.0f ? 1.0f : 0.0f;
     case 2: return z < -3.0f ? 0.0f : (z <= 3.0f ? z / 3.0f + 0.5f : 1.0f);
-    case 3: { float s = 1.0f / (1.0f + exp_approx(-z)); return s * (1.0f + z * (1.0f - s)); }
     default: return 1.0f;
     }
 }
@@ -69,7 +47,6 @@ static void sum_threads(const double* scratch, int nt, long len, double* out) {
     switch (act) {                                                 \
     case 1: WORKER(__VA_ARGS__, 1); break;                         \
     case 2: WORKER(__VA_ARGS__, 2); break;                         \
-    case 3: WORKER(__VA_ARGS__, 3); break;                         \
     default: WORKER(__VA_ARGS__, 0);                               \
     }
 

@@ -341,3 +341,23 @@ def test_training_target_uses_the_paired_steps():
 
 def test_train_pair_needs_both_models(tiny_yaml):
     assert bench.train_pair([tiny_yaml], threads=1, steps=1) is None
+
+
+def test_train_kernels_benchmark_covers_every_kernel(capsys):
+    """benchmarks/train_kernels.py: one row per depthwise shape, BN + activation and SE rows, step A/B."""
+    import shutil
+
+    from benchmarks import train_kernels
+    from utils import native
+
+    if native.compiler() is None or not shutil.which(native.compiler()):
+        pytest.skip("no C compiler: the fast path is off")
+    res = train_kernels.run("models/mobilenetv3-small-yolo.yaml", imgsz=64, batch=2, steps=1, threads=1)
+    ops = [r[0] for r in res["ops"]]
+    assert sum(o.startswith("depthwise") for o in ops) >= 9  # Small's 11 depthwise rows, some share a shape
+    assert any(o.startswith("BatchNorm + Hardswish") for o in ops) and "squeeze-excite fwd+bwd" in ops
+    assert all(t > 0 and o > 0 for _, _, t, o in res["ops"])
+    fast, ref, ratio = res["step"]
+    assert fast > 0 and ref > 0 and ratio > 0
+    out = capsys.readouterr().out
+    assert "| op | input | PyTorch | ours |" in out and "training step" in out

@@ -4,7 +4,8 @@
     python benchmarks/train_kernels.py --cfg models/yolov5n.yaml --steps 8 --threads 2
 
 Per op: the median ms of (a) a depthwise conv's weight gradient, aten's (oneDNN) against ours, on every
-depthwise shape of the model's training step; (b) BatchNorm + activation forward + backward and (c)
+depthwise shape of the model's training step (all kernel sizes, though training uses ours from
+`DW_MIN_K` up); (b) BatchNorm + activation forward + backward and (c)
 squeeze-excite forward + backward, PyTorch's modules against the fast path, on the model's largest
 shapes. Then whole training steps of the model with the fast path on and off, taken in turn in one
 process (ratio = median over pairs). Random data; run with benchmarks/run.py's malloc settings in the

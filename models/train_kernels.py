@@ -3,8 +3,8 @@
 `conv_bn_act(module, x)` computes `module.act(module.bn(module.conv(x)))` in train mode with the same
 results as PyTorch (to float32 rounding; running statistics updated the same way), but:
 
-- a depthwise conv's weight gradient comes from our kernel, not oneDNN's grouped-conv path (its
-  forward and input gradient stay oneDNN's);
+- a depthwise conv's weight gradient (kernel 5x5 and up) comes from our kernel, not oneDNN's generic
+  grouped-conv path (its forward and input gradient stay oneDNN's);
 - BatchNorm (batch statistics) and the activation are one op: two passes over the tensor forward and
   two backward, where PyTorch makes five and eight, and only the conv output is saved for backward;
 - `squeeze_excite` (SELayer): the backward is two passes over the input instead of six.
@@ -28,6 +28,9 @@ from utils import native
 # followed by PyTorch's SiLU trained yolov5n no faster (0.998x and 1.03x the step time, interleaved A/B).
 ACT_CODES: dict[type[nn.Module], int] = {nn.Identity: 0, nn.ReLU: 1, nn.Hardswish: 2}
 CL = torch.channels_last
+# our depthwise weight gradient is used from this kernel size up: 5x5 took 0.23-0.36x oneDNN's time on
+# MobileNetV3-Small's shapes, 3x3 0.4-1.7x (mostly slower; benchmarks/train_kernels.py, 2 threads)
+DW_MIN_K = 5
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -172,7 +175,7 @@ def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if lib is None:
         return None
     conv = module.conv
-    if _plain_depthwise(conv) and conv.weight.requires_grad:
+    if _plain_depthwise(conv) and conv.kernel_size[0] >= DW_MIN_K and conv.weight.requires_grad:
         y = _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], lib)
     else:
         y = conv(x)

@@ -63,7 +63,7 @@ CASES = [  # c1, c2, k, s, groups, activation, H, W
     (3, 16, 3, 2, 1, nn.Hardswish(), 16, 16),     # stem
     (72, 80, 1, 1, 1, False, 6, 5),               # project: no activation, 80 channels (> one 64-channel block)
     (8, 16, 3, 1, 1, nn.SiLU(), 8, 8),            # YOLOv5 Conv: PyTorch's BatchNorm and SiLU
-    (16, 16, 3, 2, 16, nn.SiLU(), 9, 9),          # YOLOv5 DWConv: our weight gradient, PyTorch's BN + SiLU
+    (16, 16, 5, 2, 16, nn.SiLU(), 9, 9),          # a 5x5 DWConv: our weight gradient, PyTorch's BN + SiLU
 ]
 
 
@@ -88,8 +88,8 @@ def test_conv_bn_act_matches_pytorch(case, threads, lib):
         y, y2 = fast(x), _plain(ref, x2)
         fused = type(fast.act) in train_kernels.ACT_CODES  # else BatchNorm and activation stay PyTorch's
         assert ("_BNActFn" in type(y.grad_fn).__name__) == fused
-        if g > 1:  # the depthwise weight gradient is ours whatever the activation
-            assert "_DepthwiseConvFn" in str(_graph(y.grad_fn))
+        # the depthwise weight gradient is ours from 5x5 up, whatever the activation
+        assert ("_DepthwiseConvFn" in str(_graph(y.grad_fn))) == (g > 1 and k >= train_kernels.DW_MIN_K)
         gy = torch.randn_like(y2)
         (y * gy).sum().backward()
         (y2 * gy).sum().backward()
@@ -108,7 +108,7 @@ def test_conv_bn_act_matches_pytorch(case, threads, lib):
 @needs_cc
 def test_gradient_from_a_slice_and_frozen_weights(lib):
     """Upstream gradients that are not channels_last (a Concat's slice) and frozen convs still agree."""
-    fast, ref = _pair(32, 32, 3, 1, 32, nn.ReLU())
+    fast, ref = _pair(32, 32, 5, 1, 32, nn.ReLU())
     for m in (fast, ref):
         m.conv.weight.requires_grad_(False)  # --freeze: no depthwise weight gradient is computed
     x = torch.randn(2, 32, 7, 9).contiguous(memory_format=CL).requires_grad_()
@@ -122,15 +122,17 @@ def test_gradient_from_a_slice_and_frozen_weights(lib):
 
 
 @needs_cc
-def test_depthwise_weight_grad_kernel(lib):
-    """The C depthwise weight gradient against aten's, with no input gradient asked for."""
-    conv = nn.Conv2d(24, 24, 5, 2, 2, groups=24, bias=False)
-    x = torch.randn(2, 24, 11, 14).contiguous(memory_format=CL)
-    y = train_kernels._DepthwiseConvFn.apply(x, conv.weight, 2, 2, lib)
+@pytest.mark.parametrize("k, s, c", [(5, 2, 24), (3, 1, 20), (7, 2, 8)])
+def test_depthwise_weight_grad_kernel(k, s, c, lib):
+    """The C depthwise weight gradient (any k, though only 5x5 and up is used) against aten's."""
+    p = k // 2
+    conv = nn.Conv2d(c, c, k, s, p, groups=c, bias=False)
+    x = torch.randn(2, c, 11, 14).contiguous(memory_format=CL)
+    y = train_kernels._DepthwiseConvFn.apply(x, conv.weight, s, p, lib)
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    ref = torch.ops.aten.convolution_backward(g, x, conv.weight.detach(), None, [2, 2], [2, 2], [1, 1], False,
-                                              [0, 0], 24, [False, True, False])[1]
+    ref = torch.ops.aten.convolution_backward(g, x, conv.weight.detach(), None, [s, s], [p, p], [1, 1], False,
+                                              [0, 0], c, [False, True, False])[1]
     _close(conv.weight.grad, ref, "depthwise weight grad")
 
 

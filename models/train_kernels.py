@@ -25,7 +25,7 @@ from utils import native
 
 # activations fused into the BatchNorm kernel. With any other (SiLU: YOLOv5's Conv) BatchNorm and the
 # activation stay PyTorch's: a C SiLU measured slower than PyTorch's vectorized one, and our BatchNorm
-# followed by PyTorch's SiLU trained yolov5n no faster (0.998x and 1.03x the step time, interleaved A/B).
+# followed by PyTorch's SiLU trained yolov5n no faster (1.00-1.03x the step time, four interleaved A/Bs).
 ACT_CODES: dict[type[nn.Module], int] = {nn.Identity: 0, nn.ReLU: 1, nn.Hardswish: 2}
 CL = torch.channels_last
 # our depthwise weight gradient is used from this kernel size up: 5x5 took 0.23-0.36x oneDNN's time on

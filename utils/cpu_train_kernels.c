@@ -2,7 +2,7 @@
  *
  * Why they exist (benchmarks/train_profile.py, README "Training speed"): in a MobileNetV3 training step
  * on an AVX2 CPU, oneDNN computes a depthwise conv's weight gradient with its generic grouped-conv
- * kernel, 3-6x the time of the forward conv, and BatchNorm + activation are five separate passes over
+ * kernel, 4-5x the time of the forward conv at 5x5, and BatchNorm + activation are five separate passes over
  * each (large, expanded) activation forward and eight backward. These kernels do the weight gradient
  * directly and BatchNorm + activation in two passes each way.
  *
@@ -100,8 +100,7 @@ INLINE void grad_sums_rows(const float* restrict x, const float* restrict gy, lo
 INLINE void grad_input_rows(const float* restrict x, const float* restrict gy, float* restrict gx, long m0,
                             long m1, long C, const float* restrict scale, const float* restrict shift,
                             const float* restrict mean, const float* restrict invstd,
-                            const float* restrict wi, const float* restrict k1, const float* restrict k2,
-                            const int act) {
+                            const float* restrict k1, const float* restrict k2, const int act) {
     for (long m = m0; m < m1; m++) {
         const float* restrict xr = x + m * C;
         const float* restrict gr = gy + m * C;
@@ -109,7 +108,7 @@ INLINE void grad_input_rows(const float* restrict x, const float* restrict gy, f
         for (long c = 0; c < C; c++) {
             float gz = gr[c] * act_grad(xr[c] * scale[c] + shift[c], act);
             float xhat = (xr[c] - mean[c]) * invstd[c];
-            o[c] = wi[c] * (gz - k1[c] - xhat * k2[c]);
+            o[c] = scale[c] * (gz - k1[c] - xhat * k2[c]);  /* scale = w * invstd */
         }
     }
 }
@@ -172,7 +171,7 @@ void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C,
     #pragma omp parallel num_threads(nt)
     {
         ROWS_OF_THREAD(M)
-        BY_ACT(act, grad_input_rows, x, gy, gx, m0, m1, C, scale, shift, mean, invstd, scale, k1, k2)
+        BY_ACT(act, grad_input_rows, x, gy, gx, m0, m1, C, scale, shift, mean, invstd, k1, k2)
     }
 }
 

@@ -113,7 +113,7 @@ def step_ab(cfg: str, imgsz: int, batch: int, steps: int) -> tuple[float, float,
 
     real = native.load
     on = [True]
-    native.load = lambda: real() if on[0] else None
+    native.load = lambda kind="train": real(kind) if on[0] else None
     try:
         _, step = training_step(cfg, imgsz, batch)
         for _ in range(2):

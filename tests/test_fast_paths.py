@@ -18,7 +18,7 @@ from models.yolo import Model
 from utils import packed_conv
 from utils.decode import Decoder
 from utils.onnx_layout import _StaticSE, sigmoid_first, static_se
-from utils.packed_conv import PackedConvAct, pack_convs
+from utils.packed_conv import MATMUL_MAX_ROWS, MatmulConvAct, PackedConvAct, pack_convs
 
 SMALL, NANO = "models/mobilenetv3-small-yolo.yaml", "models/yolov5n.yaml"
 
@@ -45,10 +45,38 @@ def test_packed_convs_match_eager_at_any_size(cfg):
         n = pack_convs(m, x)
         out, out_other = m(x), m(other)
     convs = sum(isinstance(mod, nn.Conv2d) for mod in m.modules())
-    assert n > 0 and n == sum(isinstance(mod, PackedConvAct) for mod in m.modules())
+    packed = sum(isinstance(mod, PackedConvAct) for mod in m.modules())
+    matmul = sum(isinstance(mod, MatmulConvAct) for mod in m.modules())
+    assert packed > 0 and matmul > 0 and n == packed + matmul  # at 128 px every 1x1 map is small: matmul
     assert convs == 2 * sum(isinstance(mod, SELayer) for mod in m.modules()) + 3  # SE's and Detect's stay eager
     for a, b in zip(ref + ref_other, out + out_other):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.Hardswish(), nn.SiLU()])
+def test_matmul_conv_matches_the_conv(act):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 20, 1).eval()
+    mm = MatmulConvAct(conv, act)
+    for x in (cl(1, 12, 5, 7), cl(3, 12, 4, 4), torch.rand(2, 12, 3, 6)):  # NCHW input is made NHWC
+        with torch.inference_mode():
+            y = mm(x)
+            torch.testing.assert_close(y, act(conv(x)), rtol=1e-5, atol=1e-5)
+        assert y.shape == (x.shape[0], 20, *x.shape[2:]) and y.is_contiguous(memory_format=torch.channels_last)
+    for bad in (nn.Conv2d(12, 20, 3, padding=1), nn.Conv2d(12, 20, 1, stride=2), nn.Conv2d(12, 20, 1, groups=4),
+                nn.Conv2d(12, 20, 1, bias=False)):
+        with pytest.raises(ValueError, match="1x1"):
+            MatmulConvAct(bad, act)
+
+
+def test_matmul_only_below_the_row_limit():
+    m = fused(SMALL)
+    x = cl(1, 3, 320, 320)  # row 2's 1x1 expand sees 80x80 = 6400 pixels > MATMUL_MAX_ROWS
+    with torch.inference_mode():
+        pack_convs(m, x)
+    expand = m.layers[2].expand.conv
+    assert 80 * 80 > MATMUL_MAX_ROWS and isinstance(expand, PackedConvAct)
+    assert isinstance(m.layers[10].expand.conv, MatmulConvAct)  # the 10x10 map of the last block
 
 
 def test_packing_skips_unfused_and_unsupported_convs():

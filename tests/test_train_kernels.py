@@ -31,7 +31,7 @@ def lib():
 def torch_only(monkeypatch):
     """Context in which the fast path is off (as without a compiler)."""
     def off():
-        return monkeypatch.setattr(native, "load", lambda: None)
+        return monkeypatch.setattr(native, "load", lambda kind="train": None)
     return off
 
 
@@ -222,9 +222,8 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog):
 def test_build_failure_names_file_and_compiler(monkeypatch, tmp_path):
     bad = tmp_path / "broken.c"
     bad.write_text("void f(void) { this is not C; }\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
     with pytest.raises(RuntimeError, match=r"broken\.c") as e:
-        native.build(native.compiler(), tmp_path / "out.so")
+        native.build(native.compiler(), tmp_path / "out.so", source=bad)
     assert native.compiler() in str(e.value) and "error" in str(e.value)
     assert not list(tmp_path.glob("*.so"))
 

@@ -124,7 +124,9 @@ class DetectBackend:
     `malloc`: apply `tune_malloc()` (process-wide glibc allocator settings that speed up inference).
     `pack` (.pt with `fuse`): on the first CPU call, swap the convs for oneDNN conv+activation calls
     with weights packed for that call's input shape (`utils.packed_conv`; other shapes still work,
-    at some cost); `packed` then says how many were swapped. Pass False to move `model` to a GPU.
+    at some cost); `packed` then says how many were swapped. Before that, depthwise convs and
+    squeeze-excites are swapped for our C kernels (`utils.native_infer`, any shape; `native=False`
+    skips that); `native` then says how many. Pass `pack=False` to move `model` to a GPU.
     `compile` (.pt with `fuse`, CPU): instead of packing, torch.compile model + decode on the first
     call for that call's shape and memory layout (`utils.compiled`; 4-21 s once, then 1.1-1.5x
     faster); inputs of another shape run eager. `compiled` then says whether it is in use and
@@ -134,8 +136,9 @@ class DetectBackend:
 
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
                  malloc: bool = True, spin: bool | None = None, pack: bool = True,
-                 compile: bool = False) -> None:
+                 compile: bool = False, native: bool = True) -> None:
         self.spin = spin
+        self._native = native
         self._compiled, self._compile = None, False  # utils.compiled.CompiledDecoder once built
         if malloc:
             tune_malloc()
@@ -188,6 +191,7 @@ class DetectBackend:
         size = args.get("imgsz", 320) if isinstance(args, dict) else 320
         self.imgsz = _as_hw(size)
         self.packed = 0  # convs running as one oneDNN conv+activation call (utils/packed_conv.py)
+        self.native = 0  # depthwise convs and squeeze-excites running our C kernels (utils/native_infer.py)
         self._pack_on_first_call = fuse and pack  # packed for the first input's shape (warmup's, in detect.py)
 
     def _load_torchscript(self) -> None:
@@ -282,10 +286,14 @@ class DetectBackend:
                 return self._compiled(x)  # eager (unpacked) for any other shape
             with torch.inference_mode():
                 if self._pack_on_first_call and x.device.type == "cpu":
+                    from utils.native_infer import swap_native
                     from utils.packed_conv import pack_convs
 
                     self._pack_on_first_call = False
-                    self.packed = pack_convs(model, torch.rand_like(x))  # a zero warm-up frame checks little
+                    example = torch.rand_like(x)  # a zero warm-up frame checks little
+                    if self._native:  # first: the convs it takes are not packed
+                        self.native = swap_native(model, example)
+                    self.packed = pack_convs(model, example)
                 maps = model(x)
             with torch.no_grad():  # decoding outside inference mode gives a normal tensor without a copy
                 return decode(maps, model.detect.anchors, model.detect.stride)

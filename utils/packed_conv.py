@@ -9,20 +9,32 @@ reordered once. Measured on the 2-core machine (batch 1, 320, 2 threads, three i
 8-9% less latency for MobileNetV3-Small-YOLO, 11-15% for yolov5n. Small gains less because its time
 is mostly per-op overhead, not conv arithmetic (README, Benchmarks).
 
+1x1 convs (stride 1, one group) on small maps are cheaper still as one matrix product: their NHWC
+input is already a `[B*H*W, C]` matrix, and `torch.addmm` (plus the activation in place) skips
+oneDNN's per-call setup. `MatmulConvAct` takes those with up to `MATMUL_MAX_ROWS` rows: on the same
+machine (2 threads, batch 1) the product took 0.66-0.81x the packed conv's time at 10x10 to 40x40
+maps in MobileNetV3-Small-YOLO and 0.75-0.80x in yolov5n, 0.85-1.09x at 80x80 and 1.2-1.7x at 160x160.
+
 These ops are internal to PyTorch, so everything here degrades to the plain eager path: if they are
 missing, fail on a probe, or the model is not a float32 CPU model, nothing is swapped.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOGGER = logging.getLogger("mobileyolo.backend")
 # activation module -> oneDNN post-op name
 POST_OPS: dict[type[nn.Module], str] = {nn.Identity: "none", nn.ReLU: "relu", nn.Hardswish: "hardswish",
                                         nn.SiLU: "swish"}
+# activation module -> the same activation applied in place (MatmulConvAct's output is its own)
+IN_PLACE = {nn.Identity: lambda y: y, nn.ReLU: torch.relu_, nn.Hardswish: lambda y: F.hardswish(y, inplace=True),
+            nn.SiLU: lambda y: F.silu(y, inplace=True)}
+MATMUL_MAX_ROWS = 4096  # B * H * W up to which a 1x1 conv runs as a matrix product (see the module docstring)
 
 
 class PackedConvAct(nn.Module):
@@ -51,6 +63,36 @@ class PackedConvAct(nn.Module):
         return f"stride={self.stride}, groups={self.groups}, post_op={self.post_op}"
 
 
+class MatmulConvAct(nn.Module):
+    """`act(conv(x))` for a biased 1x1 conv (stride 1, one group, no padding) as one `torch.addmm` on
+    the NHWC rows of x [B, C, H, W] -> [B, c2, H, W] (channels_last). Inference only."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        if not matmul_eligible(conv, act):
+            raise ValueError(f"MatmulConvAct needs a biased 1x1 conv, stride 1, one group, no padding: {conv}")
+        self.wt = conv.weight.detach().reshape(conv.out_channels, conv.in_channels).t()  # [C, c2] view
+        self.bias = conv.bias.detach()
+        self.act_name = type(act).__name__
+        self._act = IN_PLACE[type(act)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self._act(torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.wt))
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.wt.shape[0]} -> {self.wt.shape[1]}, act={self.act_name}"
+
+
+def matmul_eligible(conv: nn.Module, act: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0), 0) and conv.bias is not None
+            and type(act) in IN_PLACE)
+
+
 def available() -> bool:
     """Whether this PyTorch build has the oneDNN ops `PackedConvAct` calls."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -61,7 +103,8 @@ def available() -> bool:
 def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
     """Swap the convs of `model` (eval, BN folded, CPU, float32) for `PackedConvAct`; returns how many.
 
-    Each BN-fused `ConvBNAct` becomes one packed conv with its activation as the post-op; one whose
+    Each BN-fused `ConvBNAct` becomes one packed conv with its activation as the post-op, or a
+    `MatmulConvAct` for a 1x1 conv whose example input has at most `MATMUL_MAX_ROWS` pixels; one whose
     activation has no oneDNN post-op keeps the eager path, and so do plain convs (squeeze-excite's
     1x1s on 1x1 maps, Detect's heads): packing those too made MobileNetV3-Small ~5% slower here.
     `example` ([B, 3, H, W]) is run once to learn each conv's input size. The result is checked
@@ -88,21 +131,44 @@ def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
         for h in hooks:
             h.remove()
     saved = [(m, m.conv, m.act) for m in swaps if m.conv in sizes]  # convs the example never reached stay
-    try:
+
+    def swap() -> None:
         for m, conv, act in saved:
-            m.conv, m.act = PackedConvAct(conv, POST_OPS[type(act)], sizes[conv]), nn.Identity()
-        out = model(example)
-        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(_flat(ref), _flat(out)))
-        if not ok:
-            LOGGER.warning("oneDNN packed convs disagree with the eager model; using the eager path")
-    except (RuntimeError, ValueError) as e:
-        LOGGER.warning(f"oneDNN packed convs unavailable ({type(e).__name__}: {e}); using the eager path")
-        ok = False
+            n, _, h, w = sizes[conv]
+            if matmul_eligible(conv, act) and n * h * w <= MATMUL_MAX_ROWS:
+                m.conv = MatmulConvAct(conv, act)
+            else:
+                m.conv = PackedConvAct(conv, POST_OPS[type(act)], sizes[conv])
+            m.act = nn.Identity()
+
+    ok = checked_swap(model, example, ref, swap, "oneDNN packed convs")
     if not ok:
         for m, conv, act in saved:
             m.conv, m.act = conv, act
         return 0
     return len(saved)
+
+
+def checked_swap(model: nn.Module, example: torch.Tensor, ref: object, swap: Callable[[], None], what: str) -> bool:
+    """Run `swap()` (which replaces some of `model`'s layers), then `model(example)`; True when the output
+    matches `ref` (the eager output). False, with a warning naming `what`, on a mismatch or an error:
+    the caller then restores the layers."""
+    try:
+        swap()
+        ok = same_outputs(ref, model(example))
+    except (RuntimeError, ValueError) as e:
+        LOGGER.warning(f"{what} failed ({type(e).__name__}: {e}); using the eager path")
+        return False
+    if not ok:
+        LOGGER.warning(f"{what} disagree with the eager model; using the eager path")
+    return ok
+
+
+def same_outputs(ref: torch.Tensor | list | tuple, out: torch.Tensor | list | tuple, tol: float = 1e-4) -> bool:
+    """Whether two model outputs (tensors or nested lists of them) agree to `tol` (relative and absolute)."""
+    a, b = _flat(ref), _flat(out)
+    return len(a) == len(b) and all(x.shape == y.shape and torch.allclose(x, y, rtol=tol, atol=tol)
+                                    for x, y in zip(a, b))
 
 
 def _flat(out: torch.Tensor | list | tuple) -> list[torch.Tensor]:

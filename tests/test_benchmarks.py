@@ -361,3 +361,24 @@ def test_train_kernels_benchmark_covers_every_kernel(capsys):
     assert fast > 0 and ref > 0 and ratio > 0
     out = capsys.readouterr().out
     assert "| op | input | PyTorch | ours |" in out and "training step" in out
+
+
+def test_infer_kernels_benchmark_covers_every_swapped_layer(capsys):
+    """benchmarks/infer_kernels.py: a row per depthwise conv and SE of the model, then the model A/B."""
+    import shutil
+
+    from benchmarks import infer_kernels
+    from utils import native
+
+    if native.compiler() is None or not shutil.which(native.compiler()):
+        pytest.skip("no C compiler: the inference kernels are off")
+    res = infer_kernels.run(["models/mobilenetv3-small-yolo.yaml", "models/yolov5n.yaml"], imgsz=64, runs=2,
+                            threads=1)
+    ops = [r[0] for r in res["ops"]]
+    assert sum(o.startswith("depthwise") for o in ops) == 17 and ops.count("squeeze-excite") == 9
+    assert all(t > 0 and o > 0 for _, _, t, o in res["ops"])
+    m = res["models"]
+    assert all(m[f"{s}|{arm}"] > 0 for s in ("mobilenetv3-small-yolo", "yolov5n") for arm in ("on", "off"))
+    assert m["mobilenetv3-small-yolo/yolov5n|on"] > 0 and m["mobilenetv3-small-yolo/yolov5n|off"] > 0
+    out = capsys.readouterr().out
+    assert "| op | input | PyTorch | ours |" in out and "26 layers on our kernels" in out and "latency ratio" in out

@@ -83,7 +83,7 @@ def model_ab(cfgs: list[str], imgsz: int, runs: int, threads: int) -> dict[str, 
                 b = DetectBackend(pt, threads=threads, native=arm == "on")
                 b(x)
                 if arm == "on":
-                    print(f"{Path(cfg).stem}: {b.native} layers on our kernels, {b.packed} packed oneDNN convs")
+                    print(f"{Path(cfg).stem}: {b.native} layers on our kernels, {b.packed} convs packed (oneDNN) or as matrix products")
                 fns[f"{Path(cfg).stem}|{arm}"] = lambda b=b: b(x)
         rounds = interleaved_rounds(fns, runs, desc=f"models {imgsz}")
     out = {k: statistics.median(t for r in v for t in r) for k, v in rounds.items()}

@@ -190,7 +190,7 @@ class DetectBackend:
         args = ckpt.get("args") or {}
         size = args.get("imgsz", 320) if isinstance(args, dict) else 320
         self.imgsz = _as_hw(size)
-        self.packed = 0  # convs running as one oneDNN conv+activation call (utils/packed_conv.py)
+        self.packed = 0  # convs run as one oneDNN conv+activation call or one addmm (utils/packed_conv.py)
         self.native = 0  # depthwise convs and squeeze-excites running our C kernels (utils/native_infer.py)
         self._pack_on_first_call = fuse and pack  # packed for the first input's shape (warmup's, in detect.py)
 

@@ -90,6 +90,9 @@ def test_depthwise_falls_back_for_inputs_it_does_not_take(lib):
         torch.testing.assert_close(y, torch.relu(conv(x)))
     with pytest.raises(ValueError, match="16 channels"):
         ours.float()(torch.randn(1, 16, 6, 6))
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)  # a gradient is wanted: PyTorch's layers, with autograd
+    ours(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
 
 
 def test_depthwise_eligibility():

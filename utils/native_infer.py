@@ -35,7 +35,8 @@ class DepthwiseConvAct(nn.Module):
     """`act(conv(x))` for a biased depthwise conv (groups = in = out channels, square kernel and
     stride, dilation 1, equal zero padding). x [B, C, H, W] -> [B, C, Ho, Wo], channels_last.
 
-    Keeps `conv` and `act`; inputs the kernel does not take (not float32 CPU 4-D) run through them.
+    Keeps `conv` and `act`; inputs the kernel does not take (not float32 CPU 4-D, or needing a gradient:
+    the kernel has no backward) run through them.
     The kernel's weights are CPU copies, so moving the module does not move them (nor is it needed).
     """
 
@@ -61,7 +62,8 @@ class DepthwiseConvAct(nn.Module):
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._call is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+        if (self._call is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
+                or x.requires_grad):
             return self.act(self.conv(x))
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)
@@ -85,7 +87,7 @@ def eligible_depthwise(conv: nn.Module, act: nn.Module) -> bool:
 
 class SqueezeExciteNative(nn.Module):
     """`SELayer` forward (x * hardsigmoid(fc2(relu(fc1(mean_hw(x)))))) in one call; x [B, C, H, W] -> same
-    shape, channels_last. Keeps the original layer `se` for inputs the kernel does not take."""
+    shape, channels_last. Keeps the original layer `se` for inputs the kernel does not take (as above)."""
 
     def __init__(self, se: nn.Module) -> None:
         super().__init__()
@@ -102,7 +104,7 @@ class SqueezeExciteNative(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self._call is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-                or x.shape[1] != self.c):
+                or x.shape[1] != self.c or x.requires_grad):
             return self.se(x)
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)

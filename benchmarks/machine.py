@@ -34,7 +34,7 @@ def load_average() -> tuple[float, float, float] | None:
 
 def describe() -> dict[str, str]:
     """Machine facts as display strings. Keys: cpu, cores, os, python, torch, torch_threads,
-    onnxruntime, opencv, numpy, load, malloc, OMP_WAIT_POLICY."""
+    onnxruntime, opencv, numpy, load, malloc, OMP_WAIT_POLICY, cpu_kernels (our C kernels: loaded or why not)."""
     import cv2
     import numpy as np
     import torch
@@ -61,7 +61,19 @@ def describe() -> dict[str, str]:
         "load": "n/a" if load is None else " / ".join(f"{v:.2f}" for v in load) + " (1 / 5 / 15 min)",
         "malloc": malloc,
         "OMP_WAIT_POLICY": omp,
+        "cpu_kernels": cpu_kernels(),
     }
+
+
+def cpu_kernels() -> str:
+    """Whether our C kernels (utils/native.py) load here: without them both PyTorch paths are slower."""
+    from utils import native
+
+    parts = []
+    for kind in native.LIBRARIES:
+        state = "loaded" if native.load(kind) is not None else f"unavailable ({native.unavailable_reason(kind)})"
+        parts.append(f"{kind} {state}")
+    return ", ".join(parts) + f" ({native.compiler() or 'no C compiler'})"
 
 
 def markdown(info: dict[str, str]) -> str:

@@ -95,10 +95,22 @@ def test_tune_malloc_honours_the_opt_out(monkeypatch):
     assert backend.tune_malloc() is False and backend._malloc_tuned is False
 
 
+def test_machine_description_says_why_kernels_are_off(monkeypatch):
+    from utils import native
+
+    monkeypatch.setenv("MOBILEYOLO_CPU_KERNELS", "0")
+    native.reset()
+    try:
+        assert machine.cpu_kernels().count("unavailable (disabled by MOBILEYOLO_CPU_KERNELS=0)") == 2
+    finally:
+        native.reset()
+
+
 def test_machine_description_has_the_facts():
     info = machine.describe()
-    assert {"cpu", "cores", "torch", "onnxruntime", "opencv", "load", "malloc"} <= set(info)
+    assert {"cpu", "cores", "torch", "onnxruntime", "opencv", "load", "malloc", "cpu_kernels"} <= set(info)
     assert info["cpu"] and int(info["cores"].split()[0]) >= 1
+    assert "train " in info["cpu_kernels"] and "infer " in info["cpu_kernels"]
     assert machine.markdown({"a": "b"}) == "- a: b"
 
 

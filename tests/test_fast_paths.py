@@ -77,6 +77,10 @@ def test_matmul_only_below_the_row_limit():
     expand = m.layers[2].expand.conv
     assert 80 * 80 > MATMUL_MAX_ROWS and isinstance(expand, PackedConvAct)
     assert isinstance(m.layers[10].expand.conv, MatmulConvAct)  # the 10x10 map of the last block
+    batched = fused(SMALL)
+    with torch.inference_mode():
+        assert pack_convs(batched, cl(2, 3, 64, 64)) > 0
+    assert not any(isinstance(mod, MatmulConvAct) for mod in batched.modules())  # batches keep packed convs
 
 
 def test_packing_skips_unfused_and_unsupported_convs():

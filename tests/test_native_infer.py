@@ -12,9 +12,14 @@ from models.common import ConvBNAct
 from models.mobilenetv3 import SELayer
 from models.yolo import Model
 from tests.backend_helpers import make_checkpoint
-from utils import native
+from utils import native, native_infer
 from utils.backend import DetectBackend
-from utils.native_infer import DepthwiseConvAct, SqueezeExciteNative, eligible_depthwise, swap_native
+from utils.native_infer import (
+    DepthwiseConvAct,
+    SqueezeExciteNative,
+    eligible_depthwise,
+    swap_native,
+)
 
 CL = torch.channels_last
 SMALL = "models/mobilenetv3-small-yolo.yaml"
@@ -43,6 +48,12 @@ def lib():
     return got
 
 
+@pytest.fixture
+def any_batch(monkeypatch):
+    """Let the kernels take batches above MAX_BATCH, so that their batch loops are tested too."""
+    monkeypatch.setattr(native_infer, "MAX_BATCH", 64)
+
+
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     n = torch.get_num_threads()
@@ -68,7 +79,7 @@ def _fused(cfg, nc: int = 2) -> Model:
     (16, 8, 8, 7, 1, nn.ReLU()), (8, 5, 5, 1, 1, nn.Identity()),  # kernels only the per-pixel loop takes
     (32, 1, 1, 3, 1, nn.Hardswish()), (32, 2, 3, 5, 2, nn.ReLU()),  # maps smaller than the kernel
 ])
-def test_depthwise_matches_pytorch(lib, threads, c, h, w, k, s, act):
+def test_depthwise_matches_pytorch(lib, any_batch, threads, c, h, w, k, s, act):
     torch.manual_seed(0)
     conv = nn.Conv2d(c, c, k, s, k // 2, groups=c).eval()
     ours = DepthwiseConvAct(conv, act)
@@ -95,6 +106,28 @@ def test_depthwise_falls_back_for_inputs_it_does_not_take(lib):
     assert x.grad is not None and conv.weight.grad is not None
 
 
+@needs_cc
+def test_kernels_run_only_within_the_limits(lib, monkeypatch):
+    torch.manual_seed(0)
+    conv, se = nn.Conv2d(8, 8, 3, 1, 1, groups=8).eval(), SELayer(8).eval()
+    mods = [DepthwiseConvAct(conv, nn.ReLU()), SqueezeExciteNative(se)]
+    calls = []
+    for m in mods:
+        real = m._call
+        m._call = lambda *a, real=real: calls.append(1) or real(*a)
+    monkeypatch.setattr(native_infer, "MAX_VALUES", 8 * 16 * 16)
+    refs = [lambda x: torch.relu(conv(x)), se]
+    for shape, runs in [((1, 8, 16, 16), True), ((2, 8, 4, 4), False), ((1, 8, 17, 16), False)]:
+        x = _cl(*shape)
+        for m, ref in zip(mods, refs):
+            calls.clear()
+            with torch.inference_mode():
+                torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+            assert bool(calls) == runs, (shape, type(m).__name__)
+    with torch.inference_mode():  # a batch the kernels would not take: nothing is swapped, packing is left
+        assert swap_native(_fused(TINY_MNV3), _cl(2, 3, 64, 64)) == 0
+
+
 def test_depthwise_eligibility():
     ok = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
     assert eligible_depthwise(ok, nn.ReLU())
@@ -111,7 +144,7 @@ def test_depthwise_eligibility():
 @needs_cc
 @pytest.mark.parametrize("b,c,h,w,squeeze", [(1, 16, 40, 40, 8), (2, 96, 5, 7, 24), (1, 576, 10, 10, 144),
                                              (1, 20, 1, 1, None), (3, 72, 9, 3, None)])
-def test_squeeze_excite_matches_pytorch(lib, threads, b, c, h, w, squeeze):
+def test_squeeze_excite_matches_pytorch(lib, any_batch, threads, b, c, h, w, squeeze):
     torch.manual_seed(0)
     se = SELayer(c, squeeze).eval()
     ours = SqueezeExciteNative(se)
@@ -123,7 +156,7 @@ def test_squeeze_excite_matches_pytorch(lib, threads, b, c, h, w, squeeze):
 
 
 @needs_cc
-def test_swap_matches_eager_and_keeps_the_graph(lib):
+def test_swap_matches_eager_and_keeps_the_graph(lib, any_batch):
     m = _fused(TINY_MNV3)
     se_rows = [i for i, layer in enumerate(m.layers) if isinstance(layer, SELayer)]
     dws = sum(isinstance(x, ConvBNAct) and eligible_depthwise(x.conv, x.act) for x in m.modules())

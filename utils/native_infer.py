@@ -24,6 +24,11 @@ LOGGER = logging.getLogger("mobileyolo.backend")
 ACT_CODES: dict[type[nn.Module], int] = {nn.Identity: 0, nn.ReLU: 1, nn.Hardswish: 2}
 CL = torch.channels_last
 ROW_ATTRS = ("i", "f", "type", "n", "args")  # the parser's per-row attributes (models/parse.py)
+# Inputs our kernels take; others run PyTorch's layers. At batch 1 ours took 0.23-0.86x PyTorch's time on
+# every depthwise conv and SE of MobileNetV3-Small-YOLO at 320 and 640 (inputs up to 1.8 M values). With
+# larger batches the maps no longer fit in cache, and oneDNN was often faster: val.py's batch 32 ran
+# 16.6 ms/image with PyTorch's layers and 22.6 with ours (benchmarks/infer_kernels.py --batch N).
+MAX_BATCH, MAX_VALUES = 1, 1 << 21
 
 
 def _fn(name: str):  # noqa: ANN202 - a ctypes function, or None without the library
@@ -31,12 +36,19 @@ def _fn(name: str):  # noqa: ANN202 - a ctypes function, or None without the lib
     return None if lib is None else getattr(lib, name)
 
 
+def _takes(call: object, x: torch.Tensor) -> bool:
+    """Whether our kernel runs for `x`: library loaded, float32 CPU 4-D, no gradient wanted (the kernels
+    have no backward), and within MAX_BATCH / MAX_VALUES."""
+    return (call is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not x.requires_grad and x.shape[0] <= MAX_BATCH and x.numel() <= MAX_VALUES)
+
+
 class DepthwiseConvAct(nn.Module):
     """`act(conv(x))` for a biased depthwise conv (groups = in = out channels, square kernel and
     stride, dilation 1, equal zero padding). x [B, C, H, W] -> [B, C, Ho, Wo], channels_last.
 
-    Keeps `conv` and `act`; inputs the kernel does not take (not float32 CPU 4-D, or needing a gradient:
-    the kernel has no backward) run through them.
+    Keeps `conv` and `act`; inputs the kernel does not take (`_takes`: batches above MAX_BATCH, among
+    others) run through them.
     The kernel's weights are CPU copies, so moving the module does not move them (nor is it needed).
     """
 
@@ -62,8 +74,7 @@ class DepthwiseConvAct(nn.Module):
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._call is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-                or x.requires_grad):
+        if not _takes(self._call, x):
             return self.act(self.conv(x))
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)
@@ -103,8 +114,7 @@ class SqueezeExciteNative(nn.Module):
                 setattr(self, a, getattr(se, a))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._call is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-                or x.shape[1] != self.c or x.requires_grad):
+        if not _takes(self._call, x) or x.shape[1] != self.c:
             return self.se(x)
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)
@@ -120,11 +130,13 @@ def swap_native(model: nn.Module, example: torch.Tensor) -> int:
     """Swap `model`'s depthwise `ConvBNAct`s (BN folded) and `SELayer`s for the C-kernel modules above;
     returns how many. The result is checked against the eager output on `example` ([B, 3, H, W]); on
     any mismatch or error everything is restored and 0 returned. Needs an eval, float32, CPU model.
+    Nothing is swapped for an example batch above MAX_BATCH: the kernels would not run for such inputs,
+    and the layers are then left to `pack_convs`.
     """
     from models.common import ConvBNAct
     from models.mobilenetv3 import SELayer
 
-    if native.load("infer") is None or example.device.type != "cpu" or any(
+    if native.load("infer") is None or example.shape[0] > MAX_BATCH or example.device.type != "cpu" or any(
             p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return 0
     undo: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original)

@@ -11,9 +11,11 @@ is mostly per-op overhead, not conv arithmetic (README, Benchmarks).
 
 1x1 convs (stride 1, one group) on small maps are cheaper still as one matrix product: their NHWC
 input is already a `[B*H*W, C]` matrix, and `torch.addmm` (plus the activation in place) skips
-oneDNN's per-call setup. `MatmulConvAct` takes those with up to `MATMUL_MAX_ROWS` rows: on the same
-machine (2 threads, batch 1) the product took 0.66-0.81x the packed conv's time at 10x10 to 40x40
-maps in MobileNetV3-Small-YOLO and 0.75-0.80x in yolov5n, 0.85-1.09x at 80x80 and 1.2-1.7x at 160x160.
+oneDNN's per-call setup. `MatmulConvAct` takes those with up to `MATMUL_MAX_ROWS` rows when packed
+for batch 1: on the same machine (2 threads) the product took 0.66-0.81x the packed conv's time at
+10x10 to 40x40 maps in MobileNetV3-Small-YOLO and 0.75-0.80x in yolov5n, 0.85-1.09x at 80x80 and
+1.2-1.7x at 160x160; at batches of 2 to 32 with up to 3,200 rows it was 0.94-1.18x, so batches keep
+the packed conv.
 
 These ops are internal to PyTorch, so everything here degrades to the plain eager path: if they are
 missing, fail on a probe, or the model is not a float32 CPU model, nothing is swapped.
@@ -34,7 +36,7 @@ POST_OPS: dict[type[nn.Module], str] = {nn.Identity: "none", nn.ReLU: "relu", nn
 # activation module -> the same activation applied in place (MatmulConvAct's output is its own)
 IN_PLACE = {nn.Identity: lambda y: y, nn.ReLU: torch.relu_, nn.Hardswish: lambda y: F.hardswish(y, inplace=True),
             nn.SiLU: lambda y: F.silu(y, inplace=True)}
-MATMUL_MAX_ROWS = 4096  # B * H * W up to which a 1x1 conv runs as a matrix product (see the module docstring)
+MATMUL_MAX_ROWS = 4096  # H * W up to which a 1x1 conv runs as a matrix product, at batch 1 (module docstring)
 
 
 class PackedConvAct(nn.Module):
@@ -104,8 +106,8 @@ def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
     """Swap the convs of `model` (eval, BN folded, CPU, float32) for `PackedConvAct`; returns how many.
 
     Each BN-fused `ConvBNAct` becomes one packed conv with its activation as the post-op, or a
-    `MatmulConvAct` for a 1x1 conv whose example input has at most `MATMUL_MAX_ROWS` pixels; one whose
-    activation has no oneDNN post-op keeps the eager path, and so do plain convs (squeeze-excite's
+    `MatmulConvAct` for a 1x1 conv whose example input is one image of at most `MATMUL_MAX_ROWS`
+    pixels; one whose activation has no oneDNN post-op keeps the eager path, and so do plain convs (squeeze-excite's
     1x1s on 1x1 maps, Detect's heads): packing those too made MobileNetV3-Small ~5% slower here.
     `example` ([B, 3, H, W]) is run once to learn each conv's input size. The result is checked
     against the eager output on `example`; on any mismatch or error the model is restored and 0
@@ -135,7 +137,7 @@ def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
     def swap() -> None:
         for m, conv, act in saved:
             n, _, h, w = sizes[conv]
-            if matmul_eligible(conv, act) and n * h * w <= MATMUL_MAX_ROWS:
+            if matmul_eligible(conv, act) and n == 1 and h * w <= MATMUL_MAX_ROWS:
                 m.conv = MatmulConvAct(conv, act)
             else:
                 m.conv = PackedConvAct(conv, POST_OPS[type(act)], sizes[conv])

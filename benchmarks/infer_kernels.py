@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,14 +29,9 @@ CL = torch.channels_last
 
 
 def _us(fn, runs: int) -> float:  # noqa: ANN001
-    for _ in range(max(5, runs // 10)):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(ts)
+    from benchmarks.train_profile import _median_ms
+
+    return _median_ms(fn, runs, warmup=max(5, runs // 10)) * 1e3
 
 
 @torch.inference_mode()

@@ -138,7 +138,7 @@ class DetectBackend:
                  malloc: bool = True, spin: bool | None = None, pack: bool = True,
                  compile: bool = False, native: bool = True) -> None:
         self.spin = spin
-        self._native = native
+        self._swap_native = native
         self._compiled, self._compile = None, False  # utils.compiled.CompiledDecoder once built
         if malloc:
             tune_malloc()
@@ -291,7 +291,7 @@ class DetectBackend:
 
                     self._pack_on_first_call = False
                     example = torch.rand_like(x)  # a zero warm-up frame checks little
-                    if self._native:  # first: the convs it takes are not packed
+                    if self._swap_native:  # first: the convs it takes are not packed
                         self.native = swap_native(model, example)
                     self.packed = pack_convs(model, example)
                 maps = model(x)

@@ -12,22 +12,19 @@ swapped, and a swapped module given anything but a float32 CPU tensor runs the o
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
+from models.train_kernels import ACT_CODES  # both C files take the same activation codes
 from utils import native
 from utils.packed_conv import checked_swap
 
-LOGGER = logging.getLogger("mobileyolo.backend")
-ACT_CODES: dict[type[nn.Module], int] = {nn.Identity: 0, nn.ReLU: 1, nn.Hardswish: 2}
 CL = torch.channels_last
 ROW_ATTRS = ("i", "f", "type", "n", "args")  # the parser's per-row attributes (models/parse.py)
 # Inputs our kernels take; others run PyTorch's layers. At batch 1 ours took 0.23-0.86x PyTorch's time on
-# every depthwise conv and SE of MobileNetV3-Small-YOLO at 320 and 640 (inputs up to 1.8 M values). With
-# larger batches the maps no longer fit in cache, and oneDNN was often faster: val.py's batch 32 ran
-# 16.6 ms/image with PyTorch's layers and 22.6 with ours (benchmarks/infer_kernels.py --batch N).
+# every depthwise conv and SE of MobileNetV3-Small-YOLO at 320 and 640 (inputs up to 1.8 M values). At
+# batches of 4-32 oneDNN was faster on many layers (benchmarks/infer_kernels.py --batch N), and val.py's
+# batch 32 ran 16.6 ms/image with PyTorch's layers and 22.6 with ours.
 MAX_BATCH, MAX_VALUES = 1, 1 << 21
 
 

@@ -107,8 +107,8 @@ def pack_convs(model: nn.Module, example: torch.Tensor) -> int:
 
     Each BN-fused `ConvBNAct` becomes one packed conv with its activation as the post-op, or a
     `MatmulConvAct` for a 1x1 conv whose example input is one image of at most `MATMUL_MAX_ROWS`
-    pixels; one whose activation has no oneDNN post-op keeps the eager path, and so do plain convs (squeeze-excite's
-    1x1s on 1x1 maps, Detect's heads): packing those too made MobileNetV3-Small ~5% slower here.
+    pixels; one whose activation has no oneDNN post-op keeps the eager path, and so do plain convs
+    (squeeze-excite's 1x1s on 1x1 maps, Detect's heads): packing those too made MobileNetV3-Small ~5% slower here.
     `example` ([B, 3, H, W]) is run once to learn each conv's input size. The result is checked
     against the eager output on `example`; on any mismatch or error the model is restored and 0
     returned.

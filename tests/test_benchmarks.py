@@ -394,3 +394,19 @@ def test_infer_kernels_benchmark_covers_every_swapped_layer(capsys):
     assert m["mobilenetv3-small-yolo/yolov5n|on"] > 0 and m["mobilenetv3-small-yolo/yolov5n|off"] > 0
     out = capsys.readouterr().out
     assert "| op | input | PyTorch | ours |" in out and "26 layers on our kernels" in out and "latency ratio" in out
+
+
+def test_onnx_layout_benchmark_times_every_pass(capsys):
+    from benchmarks import onnx_layout
+    from utils.onnx_layout import LAYOUT_PASSES
+
+    cfgs = [str(ROOT / "models/mobilenetv3-small-yolo.yaml"), str(ROOT / "models/yolov5n.yaml")]
+    res = onnx_layout.run(cfgs, imgsz=64, runs=1, threads=1)
+    labels = ["plain", *(f"+ {p}" for p in LAYOUT_PASSES)]
+    assert set(res["ms"]) == {(Path(c).stem, lab) for c in cfgs for lab in labels}
+    assert all(ms > 0 for ms in res["ms"].values()) and set(res["ratio"]) == set(labels)
+    assert max(res["max_diff"].values()) < 1e-4  # every pass keeps the plain graph's outputs
+    out = capsys.readouterr().out
+    assert "| + sigmoid_first |" in out and "mobilenetv3-small-yolo / yolov5n" in out
+    with pytest.raises(SystemExit):
+        onnx_layout.main(["--imgsz", "100"])

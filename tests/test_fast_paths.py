@@ -189,6 +189,25 @@ def test_layout_passes_cut_ort_reorders_and_keep_outputs(tmp_path):
         assert r_tuned < r_plain and r_tuned <= 3  # what is left: one back to NCHW per head level
 
 
+
+def test_export_applies_the_layout_passes_it_is_asked_for(tmp_path):
+    from utils.backend import export_metadata
+    from utils.exporters import export_onnx
+
+    wrapper = Decoder(fused(SMALL)).eval()
+    meta = export_metadata(["a", "b", "c"], [8.0, 16.0, 32.0], (64, 64), 1, False)
+    x = torch.zeros(1, 3, 64, 64)
+    graphs = {name: onnx.load(str(export_onnx(wrapper, x, tmp_path / f"{name}.onnx", meta, layout=passes)))
+              for name, passes in (("all", None), ("plain", ()), ("se", ("static_se",)))}
+    resizes = {k: sum(n.op_type == "Resize" for n in g.graph.node) for k, g in graphs.items()}
+    assert resizes["all"] - resizes["plain"] == 9 and resizes["se"] == resizes["all"]  # one per SE block
+    first_ops = {k: [n.op_type for n in g.graph.node if n.op_type in ("Sigmoid", "Reshape", "Transpose")][:3]
+                 for k, g in graphs.items()}
+    assert first_ops["all"][0] == "Sigmoid" and first_ops["plain"][0] == first_ops["se"][0] == "Reshape"
+    with pytest.raises(ValueError, match="unknown layout pass.*'fold'"):
+        export_onnx(wrapper, x, tmp_path / "bad.onnx", meta, layout=("static_se", "fold"))
+    assert not (tmp_path / "bad.onnx").exists()
+
 def _chain_model(extra_consumer: bool) -> onnx.ModelProto:
     """x [1, 6, 2, 2] -> Reshape [1, 2, 3, 2, 2] -> Transpose -> Sigmoid (-> y), optionally also Identity."""
     shape = numpy_helper.from_array(np.array([1, 2, 3, 2, 2], dtype=np.int64), "shape")

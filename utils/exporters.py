@@ -13,13 +13,14 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from utils.backend import METADATA_FILE
-from utils.onnx_layout import sigmoid_first, static_se
+from utils.onnx_layout import GRAPH_PASSES, LAYOUT_PASSES, static_se
 
 LOGGER = logging.getLogger("mobileyolo.export")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -32,16 +33,23 @@ def _tmp_path(file: Path) -> Path:
 
 
 def export_onnx(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metadata: dict[str, str],
-                opset: int = 17, dynamic: bool = False, simplify: bool = False) -> Path:
+                opset: int = 17, dynamic: bool = False, simplify: bool = False,
+                layout: Iterable[str] | None = None) -> Path:
     """Export `wrapper` (input `im` [b, 3, h, w]) to ONNX at `file` and return the path.
 
     With `dynamic`, batch, height and width are symbolic (`batch`, `height`, `width`); otherwise the
     graph is fixed to `im`'s shape (and squeeze-excite exports in ONNX Runtime's fast layout, see
-    `utils.onnx_layout`). `simplify` runs onnxsim when installed (warns and skips when not).
+    `utils.onnx_layout`). `layout` names the `utils.onnx_layout.LAYOUT_PASSES` to apply (default: all;
+    `()` for the plain graph, as benchmarks/onnx_layout.py compares). `simplify` runs onnxsim when
+    installed (warns and skips when not).
     The graph is checked with `onnx.checker` before it is moved into place.
     """
     import onnx
 
+    layout = LAYOUT_PASSES if layout is None else tuple(layout)
+    unknown = sorted(set(layout) - set(LAYOUT_PASSES))
+    if unknown:
+        raise ValueError(f"export_onnx: unknown layout pass(es) {unknown}; choose from {list(LAYOUT_PASSES)}")
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}}
@@ -54,12 +62,14 @@ def export_onnx(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metadata
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # a fixed-size graph can carry the NCHWc-friendly SE form (utils/onnx_layout.py)
-            module = wrapper if dynamic else static_se(wrapper)
+            module = static_se(wrapper) if "static_se" in layout and not dynamic else wrapper
             torch.onnx.export(module.eval(), (im,), str(tmp), opset_version=int(opset), dynamo=False,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=axes if dynamic else None, do_constant_folding=True)
         model = onnx.load(str(tmp))
-        sigmoid_first(model)
+        for name, graph_pass in GRAPH_PASSES.items():
+            if name in layout:
+                graph_pass(model)
         if simplify:
             model = _simplify(model)
         del model.metadata_props[:]

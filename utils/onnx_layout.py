@@ -3,7 +3,7 @@
 With `ORT_ENABLE_ALL` on an AVX2/AVX-512 CPU, ONNX Runtime rewrites Conv, pooling, Resize, Concat and
 same-shape Add/Mul into a channel-blocked layout and inserts `ReorderInput`/`ReorderOutput` copies
 wherever a node cannot run in it. Two spots in our graphs fell out of it (found with ORT's profiler and
-its optimized-model dump; `benchmarks/run.py` measures the effect):
+its optimized-model dump):
 
 - Squeeze-excite's `x * gate` broadcasts a `[B, C, 1, 1]` gate over `[B, C, H, W]`; ORT's blocked Mul
   needs equal shapes, so every SE block cost two ReorderOutputs, an NCHW Mul and a ReorderInput
@@ -14,6 +14,8 @@ its optimized-model dump; `benchmarks/run.py` measures the effect):
 - `sigmoid_first` moves each head's Sigmoid in front of the head's Reshape/Transpose (an
   elementwise op commutes with both), so ORT fuses it into the head's Conv as an activation instead
   of running it as a separate pass over the permuted map.
+
+`benchmarks/onnx_layout.py` times each pass against the plain export.
 """
 from __future__ import annotations
 
@@ -95,3 +97,8 @@ def sigmoid_first(model: "onnx.ModelProto") -> int:  # noqa: F821 - onnx importe
         del model.graph.node[:]
         model.graph.node.extend(order)
     return len(moved)
+
+
+# the passes export applies to the traced ONNX graph, in order
+GRAPH_PASSES = {"sigmoid_first": sigmoid_first}
+LAYOUT_PASSES = ("static_se", *GRAPH_PASSES)  # static_se changes the module before export (fixed size only)

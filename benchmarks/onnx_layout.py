@@ -1,14 +1,15 @@
-"""What each ONNX graph change of utils/onnx_layout.py buys in ONNX Runtime: latency per pass, per model.
+"""What each change to our ONNX graphs buys in ONNX Runtime: latency per change, per model.
 
     python benchmarks/onnx_layout.py                               # yolov5n and MobileNetV3-Small, 320 px
     python benchmarks/onnx_layout.py --cfg models/mobilenetv3-large-yolo.yaml models/yolov5n.yaml --runs 100
 
-Each `--cfg` (random weights, seed 0, BN fused) is exported at a fixed size once per pass of
-`utils.onnx_layout.LAYOUT_PASSES` plus once plain, adding one pass at a time: the plain graph,
-+ static_se, + sigmoid_first (= what export.py writes). Every file runs through `DetectBackend` (detect.py's ONNX Runtime session:
-`--threads` intra-op threads, ORT_ENABLE_ALL); all of them are timed in interleaved rounds
-(benchmarks/latency.py) and each file's output is compared with the plain graph's. Prints the median ms
-per model and graph, and the first model's latency over the second's per graph.
+Each `--cfg` (random weights, seed 0, BN fused) is exported at a fixed size, adding one change at a
+time: the plain graph (decode row by row, no pass), + static_se, + sigmoid_first (the passes of
+`utils.onnx_layout.LAYOUT_PASSES`), + planes decode (`utils.decode._decode_planes`) = what export.py
+writes. Every file runs through `DetectBackend` (detect.py's ONNX Runtime session: `--threads`
+intra-op threads, ORT_ENABLE_ALL); all of them are timed in interleaved rounds (benchmarks/latency.py)
+and each file's output is compared with the plain graph's. Prints the median ms per model and graph,
+and the first model's latency over the second's per graph.
 """
 from __future__ import annotations
 
@@ -25,11 +26,27 @@ if __name__ == "__main__" and not __package__:
 DEFAULT_CFGS = ["models/mobilenetv3-small-yolo.yaml", "models/yolov5n.yaml"]
 
 
-def arms() -> list[tuple[str, tuple[str, ...]]]:
-    """(label, passes) per graph: none, then one more of `LAYOUT_PASSES` each time."""
+def arms() -> list[tuple[str, bool, tuple[str, ...]]]:
+    """(label, planes decode?, layout passes) per graph: the plain graph (row-by-row decode, no pass),
+    then one more of `LAYOUT_PASSES` each time, then the channel-major decode export.py writes."""
     from utils.onnx_layout import LAYOUT_PASSES
 
-    return [("plain", ())] + [(f"+ {p}", LAYOUT_PASSES[:i + 1]) for i, p in enumerate(LAYOUT_PASSES)]
+    rows = [(f"+ {p}", False, LAYOUT_PASSES[:i + 1]) for i, p in enumerate(LAYOUT_PASSES)]
+    return [("plain", False, ()), *rows, ("+ planes decode", True, LAYOUT_PASSES)]
+
+
+class _RowsDecoder(torch.nn.Module):
+    """`Decoder` with the row-by-row decode in the graph too (what export wrote before `_decode_planes`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from utils.decode import _decode_rows
+
+        det = self.model.detect
+        return _decode_rows(self.model(x), det.anchors, det.stride)
 
 
 def export_arms(cfg: str | Path, imgsz: int, folder: Path) -> dict[str, Path]:
@@ -41,13 +58,13 @@ def export_arms(cfg: str | Path, imgsz: int, folder: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     model = Model(cfg).fuse().eval()
-    wrapper = Decoder(model).eval()
+    wrappers = {True: Decoder(model).eval(), False: _RowsDecoder(model).eval()}
     names = model.names or [str(i) for i in range(model.detect.nc)]
     meta = export_metadata(names, model.detect.stride.tolist(), (imgsz, imgsz), 1, False)
     x = torch.zeros(1, 3, imgsz, imgsz)
     files = {}
-    for i, (label, passes) in enumerate(arms()):
-        files[label] = export_onnx(wrapper, x, folder / f"{Path(cfg).stem}_{i}.onnx", meta, layout=passes)
+    for i, (label, planes, passes) in enumerate(arms()):
+        files[label] = export_onnx(wrappers[planes], x, folder / f"{Path(cfg).stem}_{i}.onnx", meta, layout=passes)
     return files
 
 

@@ -168,7 +168,7 @@ def test_busy_machine_lowers_torch_threads_and_stops_ort_spinning(tmp_path, monk
 
 
 def test_fast_decode_equals_the_traceable_one():
-    from utils.decode import _decode_traceable, decode
+    from utils.decode import _decode_planes, _decode_traceable, decode
 
     g = torch.Generator().manual_seed(0)
     maps = [torch.randn(2, 3, h, w, 7, generator=g) * 4 for h, w in ((8, 12), (4, 6))]
@@ -178,6 +178,10 @@ def test_fast_decode_equals_the_traceable_one():
     # batch > 1 writes into strided slices, where the kernels may round one ulp differently
     torch.testing.assert_close(decode(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
                                rtol=1e-6, atol=0.0)
+    # the ONNX form (channel-major planes) computes the same numbers in another memory order
+    torch.testing.assert_close(_decode_planes(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
+                               rtol=1e-6, atol=0.0)
+    assert torch.equal(_decode_planes(one, anchors, strides), decode(one, anchors, strides))
     # with gradients flowing (training-time validation) decode stays differentiable
     grad_maps = [m.clone().requires_grad_(True) for m in maps]
     decode(grad_maps, anchors, strides).sum().backward()
@@ -402,11 +406,11 @@ def test_onnx_layout_benchmark_times_every_pass(capsys):
 
     cfgs = [str(ROOT / "models/mobilenetv3-small-yolo.yaml"), str(ROOT / "models/yolov5n.yaml")]
     res = onnx_layout.run(cfgs, imgsz=64, runs=1, threads=1)
-    labels = ["plain", *(f"+ {p}" for p in LAYOUT_PASSES)]
+    labels = ["plain", *(f"+ {p}" for p in LAYOUT_PASSES), "+ planes decode"]
     assert set(res["ms"]) == {(Path(c).stem, lab) for c in cfgs for lab in labels}
     assert all(ms > 0 for ms in res["ms"].values()) and set(res["ratio"]) == set(labels)
     assert max(res["max_diff"].values()) < 1e-4  # every pass keeps the plain graph's outputs
     out = capsys.readouterr().out
-    assert "| + sigmoid_first |" in out and "mobilenetv3-small-yolo / yolov5n" in out
+    assert "| + sigmoid_first |" in out and "| + planes decode |" in out and "mobilenetv3-small-yolo / yolov5n" in out
     with pytest.raises(SystemExit):
         onnx_layout.main(["--imgsz", "100"])

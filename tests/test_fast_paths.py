@@ -187,6 +187,10 @@ def test_layout_passes_cut_ort_reorders_and_keep_outputs(tmp_path):
     np.testing.assert_allclose(out_tuned, out_plain, rtol=1e-5, atol=1e-4)
     if r_plain:  # ONNX Runtime used its blocked layout on this CPU (AVX2 or better)
         assert r_tuned < r_plain and r_tuned <= 3  # what is left: one back to NCHW per head level
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "tuned.opt.onnx")).graph.node]
+        # the heads' sigmoids fused into their convs; one transpose per level (in utils/decode's
+        # _decode_planes, the decode's permute and the head's cancel out)
+        assert "Sigmoid" not in ops and ops.count("Transpose") == 3
 
 
 

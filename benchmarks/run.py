@@ -239,7 +239,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
         spins: set[bool] = set()
         compile_s: dict = {}
         ms = latency.time_all(prepared, sizes, runs, threads, malloc=malloc_tune, spin=ort_spin, spins=spins,
-                              rounds=rep.rounds, compile=compile, compile_s=compile_s)
+                              rounds=rep.rounds, compile=compile, compile_s=compile_s, adjacent=(SMALL, NANO))
     for p in prepared:
         stem = p.cfg.stem
         rep.rows.append({"cfg": stem, "params": p.params, "gflops": p.gflops,

@@ -414,3 +414,16 @@ def test_onnx_layout_benchmark_times_every_pass(capsys):
     assert "| + sigmoid_first |" in out and "| + planes decode |" in out and "mobilenetv3-small-yolo / yolov5n" in out
     with pytest.raises(SystemExit):
         onnx_layout.main(["--imgsz", "100"])
+
+
+def test_latency_blocks_run_format_by_format_with_the_paired_models_adjacent():
+    from benchmarks.latency import _block_order
+
+    stems = ["mobilenetv3-large-yolo", "mobilenetv3-small-yolo", "shufflenetv2-yolo", "yolov5n"]
+    keys = [f"{s}|{f}" for s in stems for f in ("pt", "ptc", "onnx")]
+    order = sorted(keys, key=lambda k: _block_order(k, ("mobilenetv3-small-yolo", "yolov5n"), stems))
+    assert order[:4] == ["mobilenetv3-small-yolo|pt", "yolov5n|pt", "mobilenetv3-large-yolo|pt", "shufflenetv2-yolo|pt"]
+    assert [k.split("|")[1] for k in order] == ["pt"] * 4 + ["ptc"] * 4 + ["onnx"] * 4
+    assert order[8:10] == ["mobilenetv3-small-yolo|onnx", "yolov5n|onnx"]
+    # without a pair the models keep their given order within each format
+    assert sorted(keys, key=lambda k: _block_order(k, (), stems))[:4] == [f"{s}|pt" for s in stems]

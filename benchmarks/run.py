@@ -13,9 +13,10 @@ target, mobilenetv3-small-yolo's and yolov5n's steps taken in turn in one proces
 per-image path stage by stage on the bundled BCCD val images (benchmarks/detect_path.py), the machine,
 and the issue's targets as ratios measured within this one run, each marked met or missed.
 
-Latency timings interleave all (model, format) pairs in rounds (per round each gets 3 untimed re-warm
-calls, then 5 timed ones) so load changes hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The target
-ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
+Latency timings interleave all (model, format) pairs in rounds (format by format, mobilenetv3-small-yolo's
+and yolov5n's blocks back to back; per round each gets 3 untimed re-warm calls, then 5 timed ones) so
+load changes hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The
+target ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
 settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
 subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
 (fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment

@@ -77,3 +77,25 @@ def test_bad_input():
         decode(maps_for(), ANCHORS, STRIDES[:1])
     with pytest.raises(ValueError, match="map 1"):
         decode([maps_for()[0], torch.zeros(1, 3, 2, 2, 8)], ANCHORS, STRIDES)
+
+
+def test_fast_decode_equals_the_traceable_one():
+    from utils.decode import _decode_planes, _decode_traceable, decode
+
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 3, h, w, 7, generator=g) * 4 for h, w in ((8, 12), (4, 6))]
+    anchors, strides = torch.rand(2, 3, 2, generator=g) * 100, torch.tensor([8.0, 16.0])
+    one = [m[:1] for m in maps]  # batch 1 (detect.py): same kernels, so bit for bit
+    assert torch.equal(decode(one, anchors, strides), _decode_traceable(one, anchors, strides))
+    # batch > 1 writes into strided slices, where the kernels may round one ulp differently
+    torch.testing.assert_close(decode(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
+                               rtol=1e-6, atol=0.0)
+    # the ONNX form (channel-major planes) computes the same numbers in another memory order
+    torch.testing.assert_close(_decode_planes(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
+                               rtol=1e-6, atol=0.0)
+    assert torch.equal(_decode_planes(one, anchors, strides), decode(one, anchors, strides))
+    # with gradients flowing (training-time validation) decode stays differentiable
+    grad_maps = [m.clone().requires_grad_(True) for m in maps]
+    decode(grad_maps, anchors, strides).sum().backward()
+    assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in grad_maps)
+

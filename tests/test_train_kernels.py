@@ -245,6 +245,32 @@ def test_build_into_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
 
 
 @needs_cc
+def test_a_build_removes_the_same_librarys_stale_files_only(monkeypatch, tmp_path):
+    import os
+    import time
+
+    monkeypatch.setenv("MOBILEYOLO_CACHE", str(tmp_path))
+    old = time.time() - (native.STALE_DAYS + 1) * 86400
+    stale, recent = (tmp_path / f"cpu_train_kernels-{d * 16}.so" for d in "01")
+    other_kind = tmp_path / "cpu_infer_kernels-0000000000000000.so"  # another library: not this build's to prune
+    for f in (stale, recent, other_kind):
+        f.write_bytes(b"old build")
+    for f in (stale, other_kind):
+        os.utime(f, (old, old))
+    native.reset()
+    try:
+        assert native.load() is not None, native.unavailable_reason()
+        path = native.library_path(native.compiler())
+        assert sorted(tmp_path.iterdir()) == sorted([path, recent, other_kind])
+        os.utime(path, (old, old))  # a load marks the library it uses as used, so it is never stale itself
+        native.reset()
+        assert native.load() is not None and path.stat().st_mtime > old + 86400
+        assert native.prune_stale("train", keep=path, days=0) == [recent] and path.exists()
+    finally:
+        native.reset()
+
+
+@needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_squeeze_excite_matches_pytorch(threads, torch_only, lib):
     from models.mobilenetv3 import SELayer

@@ -10,6 +10,10 @@ temporary file and then `os.replace`s it, so concurrent first uses (DDP workers)
 written library. OpenMP: the library links `libgomp.so.1`; the dynamic loader hands it the copy
 PyTorch has already loaded, so its threads are PyTorch's.
 
+Old builds do not pile up: each load marks its file as used (its mtime), and a build removes the
+same library's other files that no process has loaded for `STALE_DAYS` (an older source, compiler or
+flags; or a CPU that stopped using a shared cache).
+
 Everything degrades: with no compiler, a failed build, a failed load, or `MOBILEYOLO_CPU_KERNELS=0`,
 `load()` returns None (with one warning naming the cause) and callers keep PyTorch's own kernels.
 """
@@ -23,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +65,7 @@ LIBRARIES = {
         "se_forward": [_P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _I],
     }, extra_flags=("-ffp-contract=fast",), what="CPU inference kernels"),
 }
+STALE_DAYS = 14  # a cached library nobody loaded for this long is removed by the next build of its kind
 _STATE: dict[str, dict[str, object]] = {}  # kind -> {"lib": the CDLL or None once tried, "why": reason it is None}
 
 
@@ -112,6 +118,29 @@ def build(cc: str, out: Path, kind: str = "train", source: Path | None = None) -
             os.unlink(tmp)
 
 
+def prune_stale(kind: str, keep: Path, days: float = STALE_DAYS) -> list[Path]:
+    """Remove library `kind`'s cached files other than `keep` that were last used over `days` ago; return them.
+
+    Never raises: a file another process removed first, or a read-only cache, is left to the next build.
+    """
+    cutoff, removed = time.time() - days * 86400, []
+    for f in keep.parent.glob(f"{LIBRARIES[kind].source.stem}-*.so"):
+        try:
+            if f != keep and f.stat().st_mtime < cutoff:
+                f.unlink()
+                removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _mark_used(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only shared cache: the file is just not marked
+        pass
+
+
 def load(kind: str = "train") -> ctypes.CDLL | None:
     """Library `kind` ("train" or "infer"; built on first use), or None when unavailable; tried once per process."""
     state = _STATE.setdefault(kind, {})
@@ -131,6 +160,8 @@ def load(kind: str = "train") -> ctypes.CDLL | None:
         path = library_path(cc, kind)
         if not path.is_file():
             build(cc, path, kind)
+            prune_stale(kind, path)
+        _mark_used(path)
         lib = ctypes.CDLL(str(path))
         for name, argtypes in spec.signatures.items():
             fn = getattr(lib, name)

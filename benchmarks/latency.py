@@ -158,6 +158,7 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     torch.set_num_threads(threads)
     result: dict[tuple[str, str, int], float] = {}
     spins = set() if spins is None else spins
+    stems = [p.cfg.stem for p in prepared]
     for s in sizes:
         # detect.py hands the backend a channels_last view of the letterboxed image (detect.to_tensor)
         x = torch.rand(1, s, s, 3).permute(0, 3, 1, 2)
@@ -176,7 +177,7 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
                         if not b.compiled:
                             continue
                     fns[f"{p.cfg.stem}|{fmt}"] = (lambda b=b: b(x))
-        fns = dict(sorted(fns.items(), key=lambda kv: _block_order(kv[0], adjacent, [p.cfg.stem for p in prepared])))
+        fns = dict(sorted(fns.items(), key=lambda kv: _block_order(kv[0], adjacent, stems)))
         for k, times in interleaved_rounds(fns, runs, warmup, desc=f"latency {s}").items():
             stem, fmt = k.split("|")
             result[(stem, fmt, s)] = statistics.median(t for r in times for t in r)

@@ -5,7 +5,7 @@
 
 Each `--cfg` (random weights, seed 0, BN fused) is exported at a fixed size, adding one change at a
 time: the plain graph (decode row by row, no pass), + static_se, + sigmoid_first (the passes of
-`utils.onnx_layout.LAYOUT_PASSES`), + planes decode (`utils.decode._decode_planes`) = what export.py
+`utils.onnx_layout.LAYOUT_PASSES`), + planes decode (`utils.decode._decode_traceable`) = what export.py
 writes. Every file runs through `DetectBackend` (detect.py's ONNX Runtime session: `--threads`
 intra-op threads, ORT_ENABLE_ALL); all of them are timed in interleaved rounds (benchmarks/latency.py)
 and each file's output is compared with the plain graph's. Prints the median ms per model and graph,
@@ -35,18 +35,16 @@ def arms() -> list[tuple[str, bool, tuple[str, ...]]]:
     return [("plain", False, ()), *rows, ("+ planes decode", True, LAYOUT_PASSES)]
 
 
-class _RowsDecoder(torch.nn.Module):
-    """`Decoder` with the row-by-row decode in the graph too (what export wrote before `_decode_planes`)."""
+def _rows_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """`Decoder` with the row-by-row decode in the ONNX graph too (what export wrote before planes)."""
+    from utils.decode import Decoder, _decode_traceable
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    class RowsDecoder(Decoder):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            det = self.model.detect
+            return _decode_traceable(self.model(x), det.anchors, det.stride, planes=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from utils.decode import _decode_rows
-
-        det = self.model.detect
-        return _decode_rows(self.model(x), det.anchors, det.stride)
+    return RowsDecoder(model)
 
 
 def export_arms(cfg: str | Path, imgsz: int, folder: Path) -> dict[str, Path]:
@@ -58,7 +56,7 @@ def export_arms(cfg: str | Path, imgsz: int, folder: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     model = Model(cfg).fuse().eval()
-    wrappers = {True: Decoder(model).eval(), False: _RowsDecoder(model).eval()}
+    wrappers = {True: Decoder(model).eval(), False: _rows_decoder(model).eval()}
     names = model.names or [str(i) for i in range(model.detect.nc)]
     meta = export_metadata(names, model.detect.stride.tolist(), (imgsz, imgsz), 1, False)
     x = torch.zeros(1, 3, imgsz, imgsz)

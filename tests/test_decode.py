@@ -80,7 +80,7 @@ def test_bad_input():
 
 
 def test_fast_decode_equals_the_traceable_one():
-    from utils.decode import _decode_planes, _decode_traceable, decode
+    from utils.decode import _decode_traceable, decode
 
     g = torch.Generator().manual_seed(0)
     maps = [torch.randn(2, 3, h, w, 7, generator=g) * 4 for h, w in ((8, 12), (4, 6))]
@@ -91,9 +91,9 @@ def test_fast_decode_equals_the_traceable_one():
     torch.testing.assert_close(decode(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
                                rtol=1e-6, atol=0.0)
     # the ONNX form (channel-major planes) computes the same numbers in another memory order
-    torch.testing.assert_close(_decode_planes(maps, anchors, strides), _decode_traceable(maps, anchors, strides),
-                               rtol=1e-6, atol=0.0)
-    assert torch.equal(_decode_planes(one, anchors, strides), decode(one, anchors, strides))
+    torch.testing.assert_close(_decode_traceable(maps, anchors, strides, planes=True),
+                               _decode_traceable(maps, anchors, strides), rtol=1e-6, atol=0.0)
+    assert torch.equal(_decode_traceable(one, anchors, strides, planes=True), decode(one, anchors, strides))
     # with gradients flowing (training-time validation) decode stays differentiable
     grad_maps = [m.clone().requires_grad_(True) for m in maps]
     decode(grad_maps, anchors, strides).sum().backward()

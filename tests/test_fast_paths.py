@@ -189,7 +189,7 @@ def test_layout_passes_cut_ort_reorders_and_keep_outputs(tmp_path):
         assert r_tuned < r_plain and r_tuned <= 3  # what is left: one back to NCHW per head level
         ops = [n.op_type for n in onnx.load(str(tmp_path / "tuned.opt.onnx")).graph.node]
         # the heads' sigmoids fused into their convs; one transpose per level (in utils/decode's
-        # _decode_planes, the decode's permute and the head's cancel out)
+        # planes form of _decode_traceable, the decode's permute and the head's cancel out)
         assert "Sigmoid" not in ops and ops.count("Transpose") == 3
 
 

@@ -42,14 +42,19 @@ def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tenso
     return _decode_into(maps, anchors, strides)
 
 
-def _decode_traceable(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
-    """Out-of-place `decode`: channel-major for ONNX graphs (`_decode_planes`), else row by row."""
-    if torch.onnx.is_in_onnx_export():
-        return _decode_planes(maps, anchors, strides)
-    return _decode_rows(maps, anchors, strides)
+def _decode_traceable(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor,
+                      planes: bool | None = None) -> torch.Tensor:
+    """Out-of-place `decode`, row by row ([B, na, H, W, no]) or, with `planes`, channel-major
+    ([B, na, no, H*W]) until the last step; `planes=None` picks planes inside `torch.onnx.export` only.
 
-
-def _decode_rows(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    In an ONNX graph the planes form's permute cancels the head's own (ONNX Runtime drops both), its
+    slices and cat move whole H*W planes instead of 2-, 2- and 81-float pieces of every row, and the
+    Sigmoid, first, fuses into the head conv (utils/onnx_layout.sigmoid_first): 0.2-0.4 ms less per
+    frame in ONNX Runtime for yolov5n and MobileNetV3-Small at 320 (benchmarks/onnx_layout.py, same
+    outputs). In PyTorch the channels_last maps are row-major already, and planes were slower (TorchScript).
+    """
+    planes = torch.onnx.is_in_onnx_export() if planes is None else planes
+    dim = 2 if planes else -1  # the 5 + nc axis
     out = []
     for i, m in enumerate(maps):
         b, na, h, w, no = m.shape
@@ -57,37 +62,17 @@ def _decode_rows(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch
         ys = torch.arange(h, device=m.device, dtype=s.dtype)
         xs = torch.arange(w, device=m.device, dtype=s.dtype)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack((gx, gy), -1).view(1, 1, h, w, 2)
-        anchor = anchors[i].to(device=m.device, dtype=s.dtype).view(1, na, 1, 1, 2)
+        anchor = anchors[i].to(device=m.device, dtype=s.dtype)
         stride = strides[i].to(device=m.device, dtype=s.dtype)
-        xy = (s[..., 0:2] * 2 - 0.5 + grid) * stride
-        wh = (s[..., 2:4] * 2) ** 2 * anchor
-        out.append(torch.cat((xy, wh, s[..., 4:]), -1).reshape(b, na * h * w, no))
-    return torch.cat(out, 1)
-
-
-def _decode_planes(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
-    """`decode` channel-major ([B, na, no, H*W]) until the last step: the form for ONNX graphs.
-
-    There the permute below cancels the head's own (ONNX Runtime drops both), the slices and the cat
-    move whole H*W planes instead of 2-, 2- and 81-float pieces of every row, and the Sigmoid, first,
-    fuses into the head conv (utils/onnx_layout.sigmoid_first): 0.2-0.4 ms less per frame in ONNX
-    Runtime for yolov5n and MobileNetV3-Small at 320 (benchmarks/onnx_layout.py, identical outputs).
-    In PyTorch the channels_last maps are row-major already, and this form was slower (TorchScript).
-    """
-    out = []
-    for i, m in enumerate(maps):
-        b, na, h, w, no = m.shape
-        s = m.sigmoid().permute(0, 1, 4, 2, 3).reshape(b, na, no, h * w)
-        ys = torch.arange(h, device=m.device, dtype=s.dtype)
-        xs = torch.arange(w, device=m.device, dtype=s.dtype)
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack((gx, gy), 0).view(1, 1, 2, h * w)
-        anchor = anchors[i].to(device=m.device, dtype=s.dtype).view(1, na, 2, 1)
-        stride = strides[i].to(device=m.device, dtype=s.dtype)
-        xy = (s[:, :, 0:2] * 2 - 0.5 + grid) * stride
-        wh = (s[:, :, 2:4] * 2) ** 2 * anchor
-        out.append(torch.cat((xy, wh, s[:, :, 4:]), 2).transpose(2, 3).reshape(b, na * h * w, no))
+        if planes:
+            s = s.permute(0, 1, 4, 2, 3).reshape(b, na, no, h * w)
+            grid, anchor = torch.stack((gx, gy), 0).view(1, 1, 2, h * w), anchor.view(1, na, 2, 1)
+        else:
+            grid, anchor = torch.stack((gx, gy), -1).view(1, 1, h, w, 2), anchor.view(1, na, 1, 1, 2)
+        xy = (s.narrow(dim, 0, 2) * 2 - 0.5 + grid) * stride
+        wh = (s.narrow(dim, 2, 2) * 2) ** 2 * anchor
+        d = torch.cat((xy, wh, s.narrow(dim, 4, no - 4)), dim)
+        out.append((d.transpose(2, 3) if planes else d).reshape(b, na * h * w, no))
     return torch.cat(out, 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, build_scheduler, freeze_layers, lr_lambda,
@@ -38,6 +39,31 @@ def test_three_groups_and_weight_decay_only_on_weights():
     assert sgd.param_groups[0]["nesterov"] is True
     adam = build_optimizer(m, "Adam", momentum=0.9)
     assert adam.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_step_on_cpu_matches_the_loop(name):
+    torch.manual_seed(0)
+    a, b = Rows(), Rows()
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+    opt_a = build_optimizer(a, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    assert all(pg["fused"] for pg in opt_a.param_groups)
+    opt_b = build_optimizer(b, name, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for pg in opt_b.param_groups:  # torch's per-tensor loop, the reference
+        pg["fused"] = None
+    for step in range(4):
+        for m in (a, b):
+            for k, p in enumerate(m.parameters()):
+                p.grad = torch.sin(p.detach() * (step + 1) + k)
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert any((pa - p0).abs().max() > 1e-3 for pa, p0 in zip(a.parameters(), start))  # it did step
+    assert all(s for s in opt_a.state.values())  # the fused step kept its state (momentum / moments)
+    half = build_optimizer(nn.Linear(2, 2).half(), name)  # no norm layer: an empty first group is fine
+    assert all(pg["fused"] is None for pg in half.param_groups)  # float16: torch's default step
 
 
 def test_bad_optimizer_and_everything_frozen():

@@ -102,3 +102,35 @@ def test_ema_moves_aliased_modules_once():
         m.head.weight.add_(2.0)
     ema.update(m)
     assert torch.allclose(ema.ema.head.weight, w0 + 1.0)  # one step of d = 0.5, not two
+
+
+def _reference_ema(ema_sd: dict, src_sd: dict, d: float) -> dict:
+    """The EMA formula entry by entry, as a plain loop (what ModelEMA.update's foreach ops replace)."""
+    return {k: (d * v + (1 - d) * src_sd[k]) if v.dtype.is_floating_point else src_sd[k].clone()
+            for k, v in ema_sd.items()}
+
+
+def test_ema_follows_reassigned_tensors_between_updates():
+    m = _net()
+    ema = ModelEMA(m, decay=0.5, tau=1e-9)  # d == 0.5
+    m.train()
+    for step in range(4):
+        m(torch.randn(2, 3, 8, 8))
+        with torch.no_grad():
+            m[0].weight.add_(0.1)  # in place, as the optimizer does: the cached lists see it
+        if step == 1:
+            m[1].running_mean = torch.full((4,), 3.0)  # a swapped buffer object
+        if step == 2:
+            m[3].weight.data = torch.ones_like(m[3].weight)  # same Parameter, new storage
+        want = _reference_ema({k: v.clone() for k, v in ema.state_dict().items()}, m.state_dict(), 0.5)
+        ema.update(m)
+        for k, v in ema.state_dict().items():
+            torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6, msg=f"step {step}: {k}")
+    # the swapped running_mean pulled the EMA towards 3.0; a stale cache would have kept the old tensor
+    assert (ema.ema[1].running_mean > 1.0).all()
+    other = _net()  # a different model object with the same entries: its own tensors are used
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(7.0)
+    ema.update(other)
+    assert (ema.ema[0].weight > 3.0).all()

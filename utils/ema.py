@@ -41,18 +41,46 @@ class ModelEMA:
         """Move the EMA one step towards `model` (call after each optimizer step)."""
         self.updates += 1
         d = self.current_decay()
-        src = de_parallel(model).state_dict()
+        floats_ema, floats_src, ints_ema, ints_src = self._pairs(de_parallel(model))
+        if floats_ema:  # one foreach op per kind: a Python loop over ~300 tensors took 12.5 ms a step
+            torch._foreach_lerp_(floats_ema, floats_src, 1.0 - d)  # ema + (1 - d) * (src - ema)
+        if ints_ema:
+            torch._foreach_copy_(ints_ema, ints_src)
+
+    def _pairs(self, src: nn.Module) -> tuple[list, list, list, list]:
+        """(float EMA tensors, their model tensors, integer EMA tensors, theirs), matched by state_dict name.
+
+        Cached while `src` is the same module holding the same tensor objects (the optimizer and BatchNorm
+        update them in place); anything reassigned (a `.to()`, a swapped buffer) rebuilds the lists.
+        Raises KeyError when the EMA has an entry the model lacks.
+        """
+        cache = getattr(self, "_cache", None)
+        if cache is not None and cache[0] is src and all(owner.get(k) is t and t.data_ptr() == ptr
+                                                         for owner, k, t, ptr in cache[1]):
+            return cache[2]
+        src_sd = src.state_dict(keep_vars=True)
+        floats_ema, floats_src, ints_ema, ints_src = [], [], [], []
         seen: set[int] = set()
         for name, v in self.ema.state_dict().items():
             if v.data_ptr() in seen:  # a module registered under two names (aliases) must move once
                 continue
             seen.add(v.data_ptr())
-            if name not in src:
+            if name not in src_sd:
                 raise KeyError(f"ModelEMA.update: model has no entry {name!r}; EMA and model differ")
+            t = src_sd[name].detach()
             if v.dtype.is_floating_point:
-                v.mul_(d).add_(src[name].detach().to(v.dtype), alpha=1.0 - d)
+                floats_ema.append(v)
+                floats_src.append(t if t.dtype == v.dtype else t.to(v.dtype))
             else:
-                v.copy_(src[name])
+                ints_ema.append(v)
+                ints_src.append(t)
+        checks = [(owner, k, t, t.data_ptr()) for m in src.modules() for owner in (m._parameters, m._buffers)
+                  for k, t in owner.items() if t is not None]
+        pairs = (floats_ema, floats_src, ints_ema, ints_src)
+        # a converted copy (dtype differs) is a snapshot, not the live tensor: never cache those lists
+        if all(a.dtype == b.dtype for a, b in zip(floats_ema, floats_src)):
+            self._cache = (src, checks, pairs)
+        return pairs
 
     def update_attr(self, model: nn.Module, include: tuple[str, ...] = ("yaml", "names", "stride", "nc")) -> None:
         """Copy plain attributes (names, stride...) from `model` that are not part of the state_dict."""

@@ -63,7 +63,8 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
         raise ValueError("build_optimizer: the model has no trainable parameters (everything frozen?)")
     fused = _fused_ok([p for ps in g.values() for p in ps])
     if name == "SGD":
-        opt: torch.optim.Optimizer = torch.optim.SGD([{"params": g["norm"]}], lr=lr, momentum=momentum, nesterov=True, fused=fused)
+        opt: torch.optim.Optimizer = torch.optim.SGD([{"params": g["norm"]}], lr=lr, momentum=momentum,
+                                                     nesterov=True, fused=fused)
     elif name == "Adam":
         opt = torch.optim.Adam([{"params": g["norm"]}], lr=lr, betas=(momentum, 0.999), fused=fused)
     else:

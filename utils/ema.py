@@ -31,6 +31,7 @@ class ModelEMA:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = float(decay), float(tau), int(updates)
+        self._cache: tuple | None = None  # (model, identity checks, tensor lists), see _pairs
 
     def current_decay(self) -> float:
         """The decay the next `update()` uses after incrementing `updates`."""
@@ -54,7 +55,7 @@ class ModelEMA:
         update them in place); anything reassigned (a `.to()`, a swapped buffer) rebuilds the lists.
         Raises KeyError when the EMA has an entry the model lacks.
         """
-        cache = getattr(self, "_cache", None)
+        cache = self._cache
         if cache is not None and cache[0] is src and all(owner.get(k) is t and t.data_ptr() == ptr
                                                          for owner, k, t, ptr in cache[1]):
             return cache[2]
@@ -96,5 +97,6 @@ class ModelEMA:
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int | None = None) -> None:
         """Restore EMA weights (strict) and optionally the update counter from a checkpoint."""
         self.ema.load_state_dict(state, strict=True)
+        self._cache = None
         if updates is not None:
             self.updates = int(updates)

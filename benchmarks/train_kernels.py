@@ -87,7 +87,8 @@ def op_rows(shapes: dict[str, list], lib, top: int = 4) -> list[tuple[str, str, 
         gy = torch.randn(shape).contiguous(memory_format=CL)
         rows.append((f"BatchNorm + {act.__name__} fwd+bwd", str(list(shape)),
                      _ms(lambda: a(bn(x)).backward(gy)),
-                     _ms(lambda: _BNActFn.apply(x, bn.weight, bn.bias, 1e-3, ACT_CODES[act], lib)[0].backward(gy))))
+                     _ms(lambda: _BNActFn.apply(x, bn.weight, bn.bias, 1e-3, ACT_CODES[act], lib,
+                                                   (bn.running_mean, bn.running_var, 0.1)).backward(gy))))
     for shape in sorted(shapes["se"], key=lambda sh: -torch.Size(sh).numel())[:top]:
         se = SELayer(shape[1]).train()
         x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()

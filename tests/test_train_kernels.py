@@ -164,7 +164,7 @@ def test_model_training_step_matches_pytorch(torch_only, lib):
 
 
 @needs_cc
-@pytest.mark.parametrize("why", ["eval", "no_grad", "float64", "nchw", "syncbn"])
+@pytest.mark.parametrize("why", ["eval", "no_grad", "float64", "nchw", "syncbn", "strided_stats"])
 def test_falls_back_where_it_does_not_apply(why, lib):
     m = ConvBNAct(8, 8, 3, 1, act=nn.ReLU()).train().to(memory_format=CL)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
@@ -174,12 +174,31 @@ def test_falls_back_where_it_does_not_apply(why, lib):
         m, x = m.double(), x.double()
     elif why == "nchw":
         x = x.contiguous()
+    elif why == "strided_stats":  # the C kernel updates running stats as plain arrays: not a strided view
+        m.bn.running_mean = torch.zeros(16)[::2]
     elif why == "syncbn":
         m.bn = nn.SyncBatchNorm(8)
     with torch.no_grad() if why == "no_grad" else torch.enable_grad():
         assert train_kernels.conv_bn_act(m, x) is None
         if why != "syncbn":  # SyncBatchNorm needs a process group to run
             m(x)
+
+
+@needs_cc
+@pytest.mark.parametrize("momentum", [0.1, 0.03])
+def test_running_statistics_follow_pytorch_over_steps(momentum, lib):
+    """The C kernel updates BatchNorm's running mean and (unbiased) variance; after several steps they
+    still match PyTorch's, and the counter moves once per step."""
+    fast, ref = _pair(16, 24, 1, 1, 1, nn.Hardswish())
+    fast.bn.momentum = ref.bn.momentum = momentum
+    for step in range(1, 4):
+        x = (torch.randn(2, 16, 5, 7) * (step + 1) + step).contiguous(memory_format=CL)
+        y = fast(x)
+        assert "_BNActFn" in type(y.grad_fn).__name__
+        _plain(ref, x)
+        _close(fast.bn.running_mean, ref.bn.running_mean, f"running mean, step {step}", 1e-5)
+        _close(fast.bn.running_var, ref.bn.running_var, f"running var, step {step}", 1e-5)
+        assert int(fast.bn.num_batches_tracked) == step
 
 
 @needs_cc

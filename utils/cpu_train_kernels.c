@@ -1,6 +1,6 @@
 /* CPU training kernels for channels_last (NHWC) float32 tensors; built and loaded by utils/native.py.
  *
- * Why they exist (benchmarks/train_profile.py, README "Training speed"): in a MobileNetV3 training step
+ * Why they exist (benchmarks/train_profile.py, docs/PERFORMANCE.md "Training"): in a MobileNetV3 training step
  * on an AVX2 CPU, oneDNN computes a depthwise conv's weight gradient with its generic grouped-conv
  * kernel, 4-5x the time of the forward conv at 5x5, and BatchNorm + activation are five separate passes over
  * each (large, expanded) activation forward and eight backward. These kernels do the weight gradient
@@ -11,6 +11,7 @@
  * Activation codes: 0 identity, 1 ReLU, 2 hard-swish (PyTorch's formulas and subgradients).
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -113,10 +114,13 @@ INLINE void grad_input_rows(const float* restrict x, const float* restrict gy, f
     }
 }
 
-/* Batch statistics, then y = act(x * scale + shift). Writes mean and biased var (C each).
- * scratch: nt * 2 * C doubles. */
-void bn_act_forward(const float* x, float* y, long M, long C, const float* w, const float* b,
-                    float eps, int act, float* mean_out, float* var_out, double* scratch, int nt) {
+/* Batch statistics, then y = act(x * scale + shift). Writes stats = [mean, biased var, invstd] (3 x C) and,
+ * when run_mean is not NULL, updates run_mean / run_var (unbiased var) by `momentum` as BatchNorm2d does.
+ * Returns 0, or -1 when the scratch could not be allocated (nothing written then). */
+int bn_act_forward(const float* x, float* y, long M, long C, const float* w, const float* b, float eps, int act,
+                   float* stats, float* run_mean, float* run_var, float momentum, int nt) {
+    double* scratch = malloc(sizeof(double) * 2 * C * nt);
+    if (!scratch) return -1;
     memset(scratch, 0, sizeof(double) * 2 * C * nt);
     #pragma omp parallel num_threads(nt)
     {
@@ -126,30 +130,43 @@ void bn_act_forward(const float* x, float* y, long M, long C, const float* w, co
     }
     double tot[2 * C];
     sum_threads(scratch, nt, 2 * C, tot);
+    free(scratch);
     float scale[C], shift[C];
+    float *mean_out = stats, *var_out = stats + C, *inv_out = stats + 2 * C;
     for (long c = 0; c < C; c++) {
         double mean = tot[c] / M, var = tot[C + c] / M - mean * mean;
         var = var > 0.0 ? var : 0.0;
         mean_out[c] = (float)mean;
         var_out[c] = (float)var;
         float inv = (float)(1.0 / sqrt(var + eps));
+        inv_out[c] = inv;
         scale[c] = w[c] * inv;
         shift[c] = b[c] - (float)mean * scale[c];
+    }
+    if (run_mean && run_var && M > 1) {
+        float unbias = (float)((double)M / (double)(M - 1));
+        for (long c = 0; c < C; c++) {  /* torch.lerp's formula for weights below 0.5 */
+            run_mean[c] = run_mean[c] + momentum * (mean_out[c] - run_mean[c]);
+            run_var[c] = run_var[c] + momentum * (var_out[c] * unbias - run_var[c]);
+        }
     }
     #pragma omp parallel num_threads(nt)
     {
         ROWS_OF_THREAD(M)
         BY_ACT(act, normalize_rows, x, y, m0, m1, C, scale, shift)
     }
+    return 0;
 }
 
 /* Gradients of y = act(BN(x)) given gy: gw, gb (C each) and, when gx is not NULL, gx (M x C).
- * mean / invstd are the forward's batch statistics. scratch: nt * 2 * C doubles. */
-void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C, const float* w,
-                     const float* b, const float* mean, const float* invstd, int act, float* gw,
-                     float* gb, double* scratch, int nt) {
+ * mean / invstd are the forward's batch statistics. Returns 0, or -1 when out of memory. */
+int bn_act_backward(const float* x, const float* gy, float* gx, long M, long C, const float* w,
+                    const float* b, const float* mean, const float* invstd, int act, float* gw,
+                    float* gb, int nt) {
     float scale[C], shift[C];
     for (long c = 0; c < C; c++) { scale[c] = w[c] * invstd[c]; shift[c] = b[c] - mean[c] * scale[c]; }
+    double* scratch = malloc(sizeof(double) * 2 * C * nt);
+    if (!scratch) return -1;
     memset(scratch, 0, sizeof(double) * 2 * C * nt);
     #pragma omp parallel num_threads(nt)
     {
@@ -159,6 +176,7 @@ void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C,
     }
     double tot[2 * C];
     sum_threads(scratch, nt, 2 * C, tot);
+    free(scratch);
     float k1[C], k2[C];
     for (long c = 0; c < C; c++) {
         double sgx = tot[C + c] * invstd[c];  /* sum of gz * xhat */
@@ -167,12 +185,13 @@ void bn_act_backward(const float* x, const float* gy, float* gx, long M, long C,
         k1[c] = (float)(tot[c] / M);
         k2[c] = (float)(sgx / M);
     }
-    if (!gx) return;
+    if (!gx) return 0;
     #pragma omp parallel num_threads(nt)
     {
         ROWS_OF_THREAD(M)
         BY_ACT(act, grad_input_rows, x, gy, gx, m0, m1, C, scale, shift, mean, invstd, k1, k2)
     }
+    return 0;
 }
 
 /* Weight gradient of a depthwise conv (groups = C, one filter per channel, square k, stride s,

@@ -38,8 +38,8 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 @dataclass(frozen=True)
 class Library:
-    """One C file: `source` (next to this module), its C functions' argument types (all return void),
-    compiler flags beyond FLAGS, and what it is called in warnings."""
+    """One C file: `source` (next to this module), its C functions' argument types (a list: returns void)
+    or (argument types, return type), compiler flags beyond FLAGS, and what it is called in warnings."""
 
     source: Path
     signatures: dict[str, list]
@@ -53,8 +53,8 @@ class Library:
 
 LIBRARIES = {
     "train": Library(Path(__file__).with_name("cpu_train_kernels.c"), {
-        "bn_act_forward": [_P, _P, _L, _L, _P, _P, _F, _I, _P, _P, _P, _I],
-        "bn_act_backward": [_P, _P, _P, _L, _L, _P, _P, _P, _P, _I, _P, _P, _P, _I],
+        "bn_act_forward": ([_P, _P, _L, _L, _P, _P, _F, _I, _P, _P, _P, _F, _I], _I),
+        "bn_act_backward": ([_P, _P, _P, _L, _L, _P, _P, _P, _P, _I, _P, _P, _I], _I),
         "dw_weight_grad": [_P, _P, _P, _L, _L, _L, _L, _L, _L, _L, _L, _L, _P, _I],
         "se_gate_grad": [_P, _P, _P, _L, _L, _L, _I],
         "se_input_grad": [_P, _P, _P, _P, _L, _L, _L, _I],
@@ -163,9 +163,9 @@ def load(kind: str = "train") -> ctypes.CDLL | None:
             prune_stale(kind, path)
         _mark_used(path)
         lib = ctypes.CDLL(str(path))
-        for name, argtypes in spec.signatures.items():
+        for name, sig in spec.signatures.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
     except (OSError, RuntimeError, AttributeError) as e:
         state["why"] = str(e)
         LOGGER.warning("%s unavailable, using PyTorch's (slower): %s", spec.what, e)

@@ -46,8 +46,8 @@ class _BNActFn(torch.autograd.Function):
     """y = act((x - mean) / sqrt(var + eps) * w + b) with batch statistics.
 
     `running` = (running_mean, running_var, momentum) or None: BatchNorm2d's running statistics, updated in
-    the same C call. The wrapper stays thin because at small batches its Python cost per layer (~40 us
-    each way before) was several times the kernel's.
+    the same C call. The wrapper stays thin because at small batches its Python cost per call (~70 us
+    forward before, against ~9 us in C on a [2, 16, 8, 8] map) was several times the kernel's.
     """
 
     @staticmethod

@@ -24,7 +24,7 @@ PARAMS = {
     "yolov5s": 7_235_389,
     "mobilenetv3-large-cls": 5_483_032,
     "mobilenetv3-small-cls": 2_542_856,
-    "mobilenetv3-small-yolo": 983_445,
+    "mobilenetv3-small-yolo": 534_117,
     "mobilenetv3-large-yolo": 3_020_149,
     "yolov5s-mobilenetv3-large": 5_754_413,
     "shufflenetv2-yolo": 263_277,
@@ -153,7 +153,7 @@ def test_fuse_equal_outputs(name: str) -> None:
 
 def test_info_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     text = built("mobilenetv3-small-yolo").info(imgsz=64)
-    assert "mobilenetv3-small-yolo summary: 26 layers, 983,445 parameters, 983,445 gradients" in text
+    assert "mobilenetv3-small-yolo summary: 26 layers, 534,117 parameters, 534,117 gradients" in text
     assert "GFLOPs at 64x64" in text and "MobileNetV3_InvertedResidual" in text
     proc = subprocess.run([sys.executable, "models/yolo.py", "--cfg", "models/shufflenetv2-yolo.yaml",
                            "--imgsz", "64"], cwd=ROOT, capture_output=True, text=True, timeout=120)

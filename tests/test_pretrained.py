@@ -16,6 +16,8 @@ from models.yolo import Model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TAPS = {"small": [3, 8, 11], "large": [6, 12, 15]}  # our rows == torchvision features indices
+# the torchvision backbone each detector YAML equals: Small uses the paper's reduced tail for detection
+DETECTOR_TV = {"small": {"reduced_tail": True}, "large": {}}
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +28,9 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
 
 
-def torchvision_model(variant: str) -> nn.Module:
+def torchvision_model(variant: str, **kwargs: bool) -> nn.Module:
     torch.manual_seed(0)
-    m = getattr(torchvision.models, f"mobilenet_v3_{variant}")()
+    m = getattr(torchvision.models, f"mobilenet_v3_{variant}")(**kwargs)
     g = torch.Generator().manual_seed(1)
     for mod in m.modules():  # non-trivial BN statistics, so a wrong mapping cannot hide
         if isinstance(mod, nn.BatchNorm2d):
@@ -66,8 +68,19 @@ def test_classifier_matches_torchvision(tv_file: tuple[str, nn.Module, Path]) ->
     assert ref.abs().max().item() > 1e-3  # the comparison is not between two near-zero outputs
 
 
-def test_detector_taps_equal_features(tv_file: tuple[str, nn.Module, Path]) -> None:
-    variant, tv, path = tv_file
+def _features(tv: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    feats, y = {}, x
+    for i, block in enumerate(tv.features):
+        y = block(y)
+        feats[i] = y
+    return feats
+
+
+@pytest.mark.parametrize("variant", ["small", "large"])
+def test_detector_taps_equal_features(variant: str, tmp_path: Path) -> None:
+    tv = torchvision_model(variant, **DETECTOR_TV[variant])
+    path = tmp_path / f"mobilenet_v3_{variant}.pth"
+    torch.save(tv.state_dict(), path)
     m = Model(MODELS / f"mobilenetv3-{variant}-yolo.yaml")
     before = m.layers[-1].m[0].weight.clone()
     report = load_torchvision_backbone(m, path)
@@ -79,12 +92,29 @@ def test_detector_taps_equal_features(tv_file: tuple[str, nn.Module, Path]) -> N
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         taps = m.tap(x, TAPS[variant])
-        feats, y = {}, x
-        for i, block in enumerate(tv.features):
-            y = block(y)
-            feats[i] = y
+        feats = _features(tv, x)
     for t, i in zip(taps, TAPS[variant]):
         assert t.shape == feats[i].shape
+        assert (t - feats[i]).abs().max().item() < 1e-5
+
+
+def test_small_detector_takes_imagenet_rows_before_the_reduced_tail(tmp_path: Path) -> None:
+    """torchvision's ImageNet weights are for the full tail: rows 0-8 load, row 9 stops the match."""
+    tv = torchvision_model("small")
+    path = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(tv.state_dict(), path)
+    m = Model(MODELS / "mobilenetv3-small-yolo.yaml")
+    tail = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("layers.9.", "layers.10.", "layers.11."))}
+    report = load_torchvision_backbone(m, path)
+    assert [r for r, _ in report.rows] == list(range(9))
+    assert len(report.reasons) == 1 and report.reasons[0].startswith("row 9 ")
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in tail.items())  # the tail keeps its init
+    assert any(k.startswith("features.9.") for k in report.skipped)
+    m.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        taps, feats = m.tap(x, [3, 8]), _features(tv, x)
+    for t, i in zip(taps, [3, 8]):
         assert (t - feats[i]).abs().max().item() < 1e-5
 
 

@@ -45,20 +45,19 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 class _BNActFn(torch.autograd.Function):
     """y = act((x - mean) / sqrt(var + eps) * w + b) with batch statistics.
 
-    `running` = (running_mean, running_var, momentum) or None: BatchNorm2d's running statistics, updated in
-    the same C call. The wrapper stays thin because at small batches its Python cost per call (~70 us
+    `running` = (running_mean, running_var, momentum): BatchNorm2d's running statistics, updated in the
+    same C call. The wrapper stays thin because at small batches its Python cost per call (~70 us
     forward before, against ~9 us in C on a [2, 16, 8, 8] map) was several times the kernel's.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, eps: float, act: int, lib, running=None):
+    def forward(ctx, x, w, b, eps: float, act: int, lib, running):
         n, c, h, wd = x.shape
         y = torch.empty_like(x, memory_format=CL)
         stats = x.new_empty(3, c)  # mean, biased var, invstd
-        rm, rv, momentum = running if running is not None else (None, None, 0.0)
+        rm, rv, momentum = running
         if lib.bn_act_forward(_ptr(x), _ptr(y), n * h * wd, c, _ptr(w), _ptr(b), eps, act, _ptr(stats),
-                              None if rm is None else _ptr(rm), None if rv is None else _ptr(rv), momentum,
-                              torch.get_num_threads()):
+                              _ptr(rm), _ptr(rv), momentum, torch.get_num_threads()):
             raise MemoryError("bn_act_forward: out of memory for its scratch")
         ctx.save_for_backward(x, w, b, stats)
         ctx.act, ctx.lib = act, lib

@@ -5,7 +5,7 @@
     python detect.py --source 0                        # webcam 0
 
 Weights may be a `.pt` checkpoint, a `.torchscript` or an `.onnx` export (see export.py). Results go
-to `runs/detect/expN/` (see `utils.detect_outputs` for the layout). The loop handles one frame at a
+to `runs/detect/expN/` (see `utils.infer.writers` for the layout). The loop handles one frame at a
 time and keeps nothing per frame, so memory stays flat over long inputs.
 """
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.backend import BackendError, DetectBackend
-from utils.boxes import scale_boxes
+from utils.infer.backend import BackendError, DetectBackend
+from utils.ops.boxes import scale_boxes
 from utils.data.letterbox import letterbox
-from utils.detect_outputs import ResultWriter
-from utils.nms import non_max_suppression
-from utils.paths import ROOT, increment_path
-from utils.sources import LoadSource, SourceError
+from utils.infer.writers import ResultWriter
+from utils.ops.nms import non_max_suppression
+from utils.core.paths import ROOT, increment_path
+from utils.infer.sources import LoadSource, SourceError
 
 LOGGER = logging.getLogger("mobileyolo.detect")
 DEFAULT_SOURCE = ROOT / "data" / "bccd" / "images" / "val"
@@ -66,7 +66,7 @@ class DetectOptions:
     name: str = "exp"
     exist_ok: bool = False
     threads: int | None = None  # ONNX Runtime/torch intra-op threads; None: physical cores (ORT)
-    compile: bool = False  # .pt on the CPU: torch.compile for the first frame's letterboxed shape (utils/compiled.py)
+    compile: bool = False  # .pt on the CPU: torch.compile for the first frame's letterboxed shape (utils/infer/compiled.py)
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 Each file has one input `images [b, 3, h, w]` (float RGB 0..1, letterboxed) and one output
 `output0 [b, N, 5 + nc]` (cx, cy, w, h in input pixels, obj, class probabilities), and carries the class
-names, strides and export size as metadata (read back by `utils.backend.DetectBackend`, so
+names, strides and export size as metadata (read back by `utils.infer.backend.DetectBackend`, so
 `detect.py`/`val.py --weights best.onnx` just work). After writing, each file is run once on a real
 image and compared with PyTorch; a mismatch beyond the tolerance below raises `ExportError`.
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.backend import BackendError, DetectBackend, export_metadata
-from utils.paths import ROOT
+from utils.export.metadata import export_metadata
+from utils.infer.backend import BackendError, DetectBackend
+from utils.core.paths import ROOT
 
 LOGGER = logging.getLogger("mobileyolo.export")
 FORMATS = ("onnx", "torchscript")
@@ -83,8 +84,8 @@ def compare(fmt: str, ref: torch.Tensor, out: torch.Tensor) -> Parity:
 
 
 def _load_model(weights: str | Path) -> tuple[torch.nn.Module, dict]:
-    from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from utils.decode import Decoder
+    from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from utils.ops.decode import Decoder
 
     try:
         ckpt = load_checkpoint(weights)
@@ -110,7 +111,7 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
     arguments, an unreadable checkpoint or a failed parity check (the file is kept for inspection).
     `threads` is passed to the `DetectBackend` that runs the check (default: physical cores).
     """
-    from utils.exporters import export_onnx, export_torchscript
+    from utils.export.exporters import export_onnx, export_torchscript
 
     include = [f.lower() for f in include]
     bad = [f for f in include if f not in FORMATS]

@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.devices import device_memory_str, select_device
-from utils.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
+from utils.core.devices import device_memory_str, select_device
+from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
                         seed_everything)
-from utils.ema import ModelEMA, de_parallel
-from utils.optim import BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
+from utils.eval.evaluator import evaluate
+from utils.train.ema import ModelEMA, de_parallel
+from utils.train.optim import BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
     scaled_weight_decay, set_bn_momentum, warmup_iters
-from utils.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
-from utils.train_config import DEFAULT_EPOCHS, TrainConfig, write_yaml
+from utils.train.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
+from utils.train.config import DEFAULT_EPOCHS, TrainConfig, write_yaml
 
 Callbacks = dict[str, Callable[..., None]]
 GRAD_CLIP = 10.0  # max gradient norm; guards the first noisy steps against blow-ups
@@ -82,7 +83,7 @@ class Run:
 
 def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
     """The run folder (rank 0 only): the checkpoint's on resume, else the next free `project/name`."""
-    from utils.paths import increment_path
+    from utils.core.paths import increment_path
 
     if not info.is_main:
         return None
@@ -94,10 +95,10 @@ def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
 
 def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
     """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
-    from utils.autoanchor import autoanchor
+    from utils.train.autoanchor import autoanchor
     from utils.data import check_dataset
-    from utils.loss import ComputeLoss
-    from utils.train_setup import build_loaders, build_model, prepare_hyp, repo_path, resolve_resume
+    from utils.train.loss import ComputeLoss
+    from utils.train.setup import build_loaders, build_model, prepare_hyp, repo_path, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg)
     seed_everything(cfg.seed, info.rank)
@@ -199,18 +200,16 @@ def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
 
 
 def validate(r: Run, model: nn.Module, plots: bool = False, verbose: bool = False) -> Any:
-    """`val.evaluate` on the validation loader with the training loss for val losses; returns Metrics."""
-    import val
-
-    return val.evaluate(model, r.val_loader, r.names, device=r.device, save_dir=r.save_dir, plots=plots,
-                        verbose=verbose, loss_fn=r.loss_fn, half=False, single_cls=r.cfg.single_cls)
+    """`evaluate` on the validation loader with the training loss for val losses; returns Metrics."""
+    return evaluate(model, r.val_loader, r.names, device=r.device, save_dir=r.save_dir, plots=plots,
+                    verbose=verbose, loss_fn=r.loss_fn, half=False, single_cls=r.cfg.single_cls)
 
 
 def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
     """Validate (unless --noval), write the results row and checkpoints; return the early-stop decision."""
-    from utils.checkpoint import save_checkpoint
-    from utils.metrics import Metrics
-    from utils.train_setup import make_checkpoint
+    from models.checkpoint import save_checkpoint
+    from utils.eval.metrics import Metrics
+    from utils.train.setup import make_checkpoint
 
     final = epoch + 1 == r.cfg.epochs
     metrics = validate(r, r.ema.ema) if (not r.cfg.noval or final) else Metrics()
@@ -243,8 +242,8 @@ def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool
 
 def finish(r: Run, last_epoch: int, t0: float) -> Any:
     """Plot results, strip optimizers, validate best.pt with plots, and print where everything went."""
-    from utils.checkpoint import model_from_checkpoint
-    from utils.train_setup import strip_optimizer
+    from models.checkpoint import model_from_checkpoint
+    from utils.train.setup import strip_optimizer
 
     n_done = last_epoch - r.start_epoch + 1
     print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")

@@ -21,7 +21,7 @@ import torch
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
 
-from utils.backend import DetectBackend  # noqa: E402
+from utils.infer.backend import DetectBackend  # noqa: E402
 
 FORMATS = ("pt", "torchscript", "onnx")
 
@@ -30,7 +30,7 @@ def bench(cfg: str | Path, imgsz: int = 320, runs: int = 30, threads: int = 1) -
     """Median ms per format for one model YAML (see the module docstring)."""
     import export
     from models.yolo import Model
-    from utils.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory() as d:
         m = Model(cfg, nc=3)

@@ -54,9 +54,9 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
     import cv2
 
     import detect
-    from utils.backend import PT_SUFFIXES
+    from utils.infer.backend import PT_SUFFIXES
     from utils.data.images import read_image
-    from utils.draw import draw_boxes
+    from utils.core.draw import draw_boxes
 
     with tempfile.TemporaryDirectory() as d:
         if weights is None:

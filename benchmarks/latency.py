@@ -3,7 +3,7 @@
 For each YAML a randomly initialised model is saved as a checkpoint (`.pt`) and exported with export.py
 to a static ONNX file at each size. PyTorch runs the `.pt` as detect.py does (fused, eval,
 channels_last, inference_mode, decode included), and again as `detect.py --compile` does (torch.compile
-of model + decode, utils/compiled.py); ONNX Runtime runs the `.onnx` (ORT_ENABLE_ALL, decode inside
+of model + decode, utils/infer/compiled.py); ONNX Runtime runs the `.onnx` (ORT_ENABLE_ALL, decode inside
 the graph). Every (model, format) pair is timed round-robin, one call each per round, so a change
 of machine load hits all of them alike and their ratios stay meaningful on a shared machine.
 """
@@ -38,7 +38,7 @@ class Prepared:
 def checkpoint_for(cfg: str | Path, folder: Path, nc: int | None = None, imgsz: int = 320) -> tuple[Path, torch.nn.Module]:
     """Build `cfg` with random weights (seed 0), save it as `<folder>/<stem>.pt`; return (path, model)."""
     from models.yolo import Model
-    from utils.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     m = Model(cfg, nc=nc)
@@ -153,7 +153,7 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     by model, MobileNetV3-Small's and yolov5n's ONNX Runtime blocks were eight blocks apart, and the
     paired ratio's IQR spanned 0.45-0.57 in a run whose medians gave 0.50.)
     """
-    from utils.backend import DetectBackend
+    from utils.infer.backend import DetectBackend
 
     torch.set_num_threads(threads)
     result: dict[tuple[str, str, int], float] = {}

@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from utils.cpu import physical_cores, usable_cores
+from utils.infer.runtime import physical_cores, usable_cores
 
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
@@ -66,8 +66,8 @@ def describe() -> dict[str, str]:
 
 
 def cpu_kernels() -> str:
-    """Whether our C kernels (utils/native.py) load here: without them both PyTorch paths are slower."""
-    from utils import native
+    """Whether our C kernels (utils/accel/native.py) load here: without them both PyTorch paths are slower."""
+    from utils.accel import native
 
     parts = []
     for kind in native.LIBRARIES:

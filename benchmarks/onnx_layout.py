@@ -5,7 +5,7 @@
 
 Each `--cfg` (random weights, seed 0, BN fused) is exported at a fixed size, adding one change at a
 time: the plain graph (decode row by row, no pass), + static_se, + sigmoid_first (the passes of
-`utils.onnx_layout.LAYOUT_PASSES`), + planes decode (`utils.decode._decode_traceable`) = what export.py
+`utils.export.graph.LAYOUT_PASSES`), + planes decode (`utils.ops.decode._decode_traceable`) = what export.py
 writes. Every file runs through `DetectBackend` (detect.py's ONNX Runtime session: `--threads`
 intra-op threads, ORT_ENABLE_ALL); all of them are timed in interleaved rounds (benchmarks/latency.py)
 and each file's output is compared with the plain graph's. Prints the median ms per model and graph,
@@ -29,7 +29,7 @@ DEFAULT_CFGS = ["models/mobilenetv3-small-yolo.yaml", "models/yolov5n.yaml"]
 def arms() -> list[tuple[str, bool, tuple[str, ...]]]:
     """(label, planes decode?, layout passes) per graph: the plain graph (row-by-row decode, no pass),
     then one more of `LAYOUT_PASSES` each time, then the channel-major decode export.py writes."""
-    from utils.onnx_layout import LAYOUT_PASSES
+    from utils.export.graph import LAYOUT_PASSES
 
     rows = [(f"+ {p}", False, LAYOUT_PASSES[:i + 1]) for i, p in enumerate(LAYOUT_PASSES)]
     return [("plain", False, ()), *rows, ("+ planes decode", True, LAYOUT_PASSES)]
@@ -37,7 +37,7 @@ def arms() -> list[tuple[str, bool, tuple[str, ...]]]:
 
 def _rows_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """`Decoder` with the row-by-row decode in the ONNX graph too (what export wrote before planes)."""
-    from utils.decode import Decoder, _decode_traceable
+    from utils.ops.decode import Decoder, _decode_traceable
 
     class RowsDecoder(Decoder):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,9 @@ def _rows_decoder(model: torch.nn.Module) -> torch.nn.Module:
 def export_arms(cfg: str | Path, imgsz: int, folder: Path) -> dict[str, Path]:
     """{label: ONNX file} for every arm of `cfg` at `imgsz` (fixed size, batch 1) in `folder`."""
     from models.yolo import Model
-    from utils.backend import export_metadata
-    from utils.decode import Decoder
-    from utils.exporters import export_onnx
+    from utils.export.metadata import export_metadata
+    from utils.ops.decode import Decoder
+    from utils.export.exporters import export_onnx
 
     torch.manual_seed(0)
     model = Model(cfg).fuse().eval()
@@ -70,7 +70,7 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, runs: int = 60, threads
     """Time every (model, arm); print a table. Returns `{'ms': {(cfg stem, label): ms}, 'max_diff': {...},
     'ratio': {label: first model's ms / second's}}` (ratio only with two or more models)."""
     from benchmarks.latency import interleaved_medians
-    from utils.backend import DetectBackend
+    from utils.infer.backend import DetectBackend
 
     cfgs = cfgs or DEFAULT_CFGS
     x = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))

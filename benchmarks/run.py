@@ -17,7 +17,7 @@ Latency timings interleave all (model, format) pairs in rounds (format by format
 and yolov5n's blocks back to back; per round each gets 3 untimed re-warm calls, then 5 timed ones) so
 load changes hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The
 target ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
-settings (see `utils.backend.tune_malloc`, as detect.py does) and exports them to the training
+settings (see `utils.infer.backend.tune_malloc`, as detect.py does) and exports them to the training
 subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
 (fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment
 wins) it sets OMP_WAIT_POLICY=PASSIVE before torch loads, so torch's OpenMP threads sleep instead of
@@ -221,7 +221,7 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
 
     from benchmarks import detect_path, latency
     from benchmarks.machine import describe
-    from utils.backend import MALLOC_SETTINGS, PT_SUFFIXES, tune_malloc
+    from utils.infer.backend import MALLOC_SETTINGS, PT_SUFFIXES, tune_malloc
 
     t0 = time.time()
     if malloc_tune:
@@ -286,7 +286,7 @@ def set_omp_policy(mode: str, threads: int) -> None:
     else from the 1-minute load average), else libgomp's default; an OMP_WAIT_POLICY already in the
     environment always wins.
     """
-    from utils.cpu import estimate_idle
+    from utils.infer.runtime import estimate_idle
 
     if mode == "active" or "OMP_WAIT_POLICY" in os.environ:
         return

@@ -1,4 +1,4 @@
-"""The CPU training fast path (models/train_kernels.py) against PyTorch's kernels: per op, and per step.
+"""The CPU training fast path (utils/accel/train_kernels.py) against PyTorch's kernels: per op, and per step.
 
     python benchmarks/train_kernels.py                       # MobileNetV3-Small-YOLO's shapes, 320 px, batch 16
     python benchmarks/train_kernels.py --cfg models/yolov5n.yaml --steps 8 --threads 2
@@ -9,7 +9,7 @@ depthwise shape of the model's training step (all kernel sizes, though training 
 squeeze-excite forward + backward, PyTorch's modules against the fast path, on the model's largest
 shapes. Then whole training steps of the model with the fast path on and off, taken in turn in one
 process (ratio = median over pairs). Random data; run with benchmarks/run.py's malloc settings in the
-environment to match train.py (`utils.backend.MALLOC_SETTINGS`).
+environment to match train.py (`utils.infer.backend.MALLOC_SETTINGS`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def shapes_of(model: nn.Module, imgsz: int, batch: int) -> dict[str, list]:
     """Input shapes the model's depthwise convs, BatchNorms (with activation) and SE layers see."""
     from models.common import ConvBNAct
     from models.mobilenetv3 import SELayer
-    from models.train_kernels import _plain_depthwise
+    from utils.accel.train_kernels import _plain_depthwise
 
     found: dict[str, list] = {"dw": [], "bn": [], "se": []}
     hooks = []
@@ -61,7 +61,7 @@ def shapes_of(model: nn.Module, imgsz: int, batch: int) -> dict[str, list]:
 def op_rows(shapes: dict[str, list], lib, top: int = 4) -> list[tuple[str, str, float, float]]:  # noqa: ANN001
     """(op, shape, PyTorch ms, ours ms) rows."""
     from models.mobilenetv3 import SELayer
-    from models.train_kernels import ACT_CODES, _BNActFn, _SEFn
+    from utils.accel.train_kernels import ACT_CODES, _BNActFn, _SEFn
 
     rows = []
     nt = torch.get_num_threads()
@@ -110,7 +110,7 @@ def _torch_se(se: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> None:
 def step_ab(cfg: str, imgsz: int, batch: int, steps: int) -> tuple[float, float, float]:
     """(fast-path step ms, PyTorch step ms, median per-pair ratio fast/PyTorch), steps taken in turn."""
     from benchmarks.train_speed import training_step
-    from utils import native
+    from utils.accel import native
 
     real = native.load
     on = [True]
@@ -135,7 +135,7 @@ def run(cfg: str = "models/mobilenetv3-small-yolo.yaml", imgsz: int = 320, batch
         threads: int = 0, ops: bool = True) -> dict:
     """Print both tables; return {"ops": rows, "step": (fast ms, torch ms, ratio)}."""
     from models.yolo import Model
-    from utils import native
+    from utils.accel import native
 
     if threads > 0:
         torch.set_num_threads(threads)

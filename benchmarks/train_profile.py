@@ -60,7 +60,7 @@ def run(cfg: str | Path, imgsz: int = 320, batch: int = 16, steps: int = 5, thre
     """Print and return `{'full': ms, 'loss': ms, 'rows': [(index, module, ms)]}` for `cfg`."""
     from models.yolo import Model
     from utils.data import load_hyp
-    from utils.loss import ComputeLoss
+    from utils.train.loss import ComputeLoss
 
     if threads > 0:
         torch.set_num_threads(threads)

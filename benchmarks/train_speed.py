@@ -56,8 +56,8 @@ def training_step(cfg: str, imgsz: int = 320, batch: int = 16, nc: int = 3, free
     sys.path.insert(0, str(ROOT))
     from models.yolo import Model
     from utils.data import load_hyp
-    from utils.loss import ComputeLoss
-    from utils.optim import build_optimizer, freeze_layers
+    from utils.train.loss import ComputeLoss
+    from utils.train.optim import build_optimizer, freeze_layers
 
     torch.manual_seed(0)
     model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)

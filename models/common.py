@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from models.registry import Block, ceil8, register
-from models.train_kernels import conv_bn_act
 
 ACTS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU, "relu": nn.ReLU, "hardswish": nn.Hardswish, "hswish": nn.Hardswish,
@@ -54,10 +53,6 @@ class ConvBNAct(nn.Module):
         self.act = make_act(act, default_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:  # CPU training fast path (models/train_kernels.py); None where it does not apply
-            y = conv_bn_act(self, x)
-            if y is not None:
-                return y
         return self.act(self.bn(self.conv(x)))
 
     @torch.no_grad()

@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 from models.common import ConvBNAct
 from models.registry import Block, make_divisible, register
-from models.train_kernels import squeeze_excite
 
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 
@@ -68,19 +67,14 @@ class SELayer(Block):
         self.fc2 = nn.Conv2d(squeeze, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:  # CPU training fast path (models/train_kernels.py); None where it does not apply
-            y = squeeze_excite(self, x)
-            if y is not None:
-                return y
         # fc1/fc2 as matrix products on the pooled [B, C] vector: the same numbers as the 1x1 convs, but
-        # PyTorch would run a 1x1 conv on a 1x1 map through its im2col path with two copies; ~2% less
-        # batch-1 latency for MobileNetV3-Small (three interleaved A/B runs, bit-identical output)
+        # PyTorch would run a 1x1 conv on a 1x1 map through its im2col path with two copies
         h = F.relu(F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias))
         return x * F.hardsigmoid(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias))[:, :, None, None]
 
     def gate(self, s: torch.Tensor) -> torch.Tensor:
         """Pooled `[B, C, 1, 1]` -> channel weights `[B, C, 1, 1]` in 0..1 (the 1x1-conv form, which
-        ONNX Runtime keeps in its blocked layout; see utils/onnx_layout.py)."""
+        ONNX Runtime keeps in its blocked layout; see utils/export/graph.py)."""
         return F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
 
     @classmethod

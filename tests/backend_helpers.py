@@ -31,7 +31,7 @@ def make_checkpoint(path: Path, cfg: str | Path | dict | None = None, nc: int = 
     confident boxes (handy for tests that need detections).
     """
     from models.yolo import Model
-    from utils.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     m = Model(cfg if cfg is not None else TINY, nc=nc)

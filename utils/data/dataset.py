@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data import augment as A
 from utils.data.data_yaml import IMG_FORMATS, LOGGER, DataConfigError, list_image_files, load_hyp
 from utils.data.images import read_image, resize_long_side

@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import torch
 
-from utils.boxes import xywhn2xyxy
+from utils.ops.boxes import xywhn2xyxy
 
 
 def _color(i: int) -> tuple[int, int, int]:
-    """BGR colour of class i, from utils.draw when present so every figure agrees."""
+    """BGR colour of class i, from utils.core.draw when present so every figure agrees."""
     try:
-        from utils.draw import class_color
+        from utils.core.draw import class_color
         return class_color(i)
     except ImportError:  # the drawing module is optional for this file
         rng = np.random.default_rng(int(i))
@@ -75,7 +75,7 @@ def plot_train_batch(imgs: torch.Tensor | np.ndarray, targets: torch.Tensor | np
     th, tw = int(h * scale), int(w * scale)
     mosaic = np.full((ns * th, ns * tw, 3), 255, np.uint8)
     try:
-        from utils.draw import draw_boxes
+        from utils.core.draw import draw_boxes
     except ImportError:
         draw_boxes = None
     for i in range(bs):

@@ -1,0 +1,146 @@
+"""Small training utilities: device strings, dist env, TrainConfig + YAML, results.csv/png and tables."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.core.devices import device_memory_str, parse_device, select_device
+from utils.train.dist import DistInfo, broadcast_flag, dist_from_env, seed_everything
+from utils.train.results import (RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results,
+                           read_results, truncate_results)
+from utils.train.config import TrainConfig, read_yaml, write_yaml
+
+
+def test_parse_and_select_device():
+    assert parse_device("cpu") == ("cpu", [])
+    assert parse_device("0,1") == ("cuda", [0, 1])
+    assert parse_device("cuda:1") == ("cuda", [1])
+    assert parse_device("") == ("auto", [])
+    assert select_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "0,,x", "1,1", "-1"):
+        with pytest.raises(ValueError, match="--device"):
+            parse_device(bad)
+    if not torch.cuda.is_available():
+        assert select_device("") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("0")
+    assert device_memory_str(torch.device("cpu")) == "-"
+
+
+def test_dist_env_and_single_process_helpers():
+    assert dist_from_env({}) == DistInfo(-1, -1, 1)
+    info = dist_from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert info.distributed and not info.is_main and info.rank == 1
+    assert DistInfo(0, 0, 2).is_main
+    with pytest.raises(ValueError, match="RANK"):
+        dist_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        dist_from_env({"WORLD_SIZE": "0"})
+    assert broadcast_flag(True, DistInfo()) is True
+    assert seed_everything(3, rank=2) == 5
+    a = torch.rand(3)
+    seed_everything(3, rank=2)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_train_config_round_trip_and_validation(tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=4, hyp_overrides={"mosaic": 0.0}, resume="x/last.pt")
+    d = cfg.to_dict()
+    p = write_yaml(tmp_path / "args.yaml", d)
+    back = TrainConfig.from_dict(read_yaml(p))
+    assert back == cfg
+    assert TrainConfig.from_dict({**d, "bogus": 1}).epochs == 3  # unknown keys ignored (warned)
+    for kw, flag in ((dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(imgsz=8), "--imgsz"),
+                     (dict(optimizer="Lion"), "--optimizer"), (dict(cache="gpu"), "--cache"),
+                     (dict(label_smoothing=1.5), "--label-smoothing"), (dict(freeze=-1), "--freeze")):
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**kw)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        read_yaml(bad)
+
+
+def _row(epoch: int) -> dict:
+    return {c: float(epoch) + i / 100 for i, c in enumerate(RESULT_COLUMNS)} | {"epoch": epoch}
+
+
+def test_results_csv_append_truncate_plot(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    for e in range(4):
+        append_results(csv_path, _row(e))
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].split(",") == list(RESULT_COLUMNS) and len(lines) == 5
+    rows = read_results(csv_path)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["metrics/mAP_0.5"] == pytest.approx(2.06)
+    assert truncate_results(csv_path, 2) == 2
+    assert [r["epoch"] for r in read_results(csv_path)] == [0, 1]
+    for e in range(2, 6):
+        append_results(csv_path, _row(e))
+    png = plot_results(csv_path)
+    assert png.exists() and png.stat().st_size > 10_000
+    with pytest.raises(KeyError, match="x/lr0"):
+        append_results(csv_path, {k: v for k, v in _row(9).items() if k != "x/lr0"})
+    csv_path.write_text(",".join(RESULT_COLUMNS) + "\n0,abc" + ",1" * (len(RESULT_COLUMNS) - 2) + "\n")
+    with pytest.raises(ValueError, match="results.csv:2"):
+        read_results(csv_path)
+
+
+def test_console_formatting():
+    head = epoch_header()
+    for word in ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"):
+        assert word in head
+    desc = epoch_desc(0, 30, "-", [0.1, 0.2, 0.3], 12, 320)
+    assert "1/30" in desc and "320" in desc and len(desc) == len(head)
+
+
+def test_train_speed_benchmark_measures_tiny_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.train_helpers import tiny_yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import train_speed
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_yaml()))
+    r = train_speed.measure(str(cfg), imgsz=64, batch=2, steps=1, warmup=0)
+    assert r["cfg"] == "tiny.yaml" and r["img_s"] > 0 and r["peak_rss_mb"] > 50 and 0.01 < r["params"] < 1
+    assert train_speed.is_detector_yaml(cfg)
+    cls = tmp_path / "cls.yaml"
+    cls.write_text(yaml.safe_dump({"nc": 2, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", ["nc"]]]}))
+    assert not train_speed.is_detector_yaml(cls)
+
+
+def test_train_speed_rounds_pool_step_times(monkeypatch, capsys):
+    """Each round measures every model in turn; a row's figure is the median of all its steps."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import train_speed
+
+    calls = []
+    steps = {"a.yaml": [[100.0, 110.0], [300.0, 120.0]], "b.yaml": [[200.0, 210.0], [190.0, 205.0]]}
+
+    def fake_run(cmd, capture_output, text):
+        cfg = cmd[cmd.index("--one") + 1]
+        calls.append(cfg)
+        times = steps[cfg].pop(0)
+        row = {"cfg": cfg, "params": 1.0, "img_s": 0.0, "step_ms": 0.0, "peak_rss_mb": 100.0 + len(calls),
+               "batch": 4, "steps_ms": times}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(train_speed.subprocess, "run", fake_run)
+    rows = {r["cfg"]: r for r in train_speed.run(["a.yaml", "b.yaml"], batch=4, steps=2, rounds=2)}
+    assert calls == ["a.yaml", "b.yaml", "a.yaml", "b.yaml"]  # models in turn, round after round
+    assert rows["a.yaml"]["step_ms"] == 120.0  # median of 100, 110, 300, 120 (upper middle)
+    assert rows["a.yaml"]["img_s"] == 4 / 120.0 * 1e3
+    assert rows["b.yaml"]["peak_rss_mb"] == 104.0  # the highest of its rounds
+    assert "| a.yaml |" in capsys.readouterr().out

@@ -1,0 +1,40 @@
+"""The project's error base class and the command-line rule for it.
+
+Every error a user can cause and fix (a bad data YAML, an unusable dataset, a bad model YAML, bad or
+unsafe weights, a bad source, bad flags) is a `UserError`; its message names the file, line or row.
+Scripts run their `main()` under `cli_main`, which prints such an error as one line
+`<script>: error: <message>` and exits 2, and leaves every other exception its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class UserError(Exception):
+    """Base of the errors whose message is the whole story (no traceback needed at the command line)."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of `str(e)` (at most `limit` characters), or the exception's type name when empty."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def cli_main(prog: str, main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run `main(argv)` as a command: `UserError` -> one line on stderr and 2; Ctrl-C -> 130; else 0.
+
+    `prog` is the script's name as the user typed it (`train.py`). An integer that `main` returns is
+    passed through as the exit code; anything else means success.
+    """
+    try:
+        out = main(argv)
+    except UserError as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return out if isinstance(out, int) and not isinstance(out, bool) else 0

@@ -24,20 +24,22 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.infer.backend import BackendError, DetectBackend
-from utils.ops.boxes import scale_boxes
-from utils.data.letterbox import letterbox
-from utils.infer.writers import ResultWriter
-from utils.ops.nms import non_max_suppression
+from utils.core.errors import UserError, cli_main
 from utils.core.paths import ROOT, increment_path
-from utils.infer.sources import LoadSource, SourceError
+from utils.data.letterbox import letterbox
+from utils.infer.backend import DetectBackend
+from utils.infer.runtime import apply_policy
+from utils.infer.sources import LoadSource
+from utils.infer.writers import ResultWriter
+from utils.ops.boxes import scale_boxes
+from utils.ops.nms import non_max_suppression
 
 LOGGER = logging.getLogger("mobileyolo.detect")
 DEFAULT_SOURCE = ROOT / "data" / "bccd" / "images" / "val"
 TRAIN_RUNS = ROOT / "runs" / "train"
 
 
-class DetectError(ValueError):
+class DetectError(UserError, ValueError):
     """Bad detect.py arguments, or no weights to run (the message says what to do)."""
 
 
@@ -67,6 +69,7 @@ class DetectOptions:
     exist_ok: bool = False
     threads: int | None = None  # ONNX Runtime/torch intra-op threads; None: physical cores (ORT)
     compile: bool = False  # .pt on the CPU: torch.compile for the first frame's letterboxed shape (utils/infer/compiled.py)
+    spin: bool = True  # ONNX Runtime threads may spin-wait (main() sets it from utils.infer.runtime.apply_policy)
 
 
 @dataclass
@@ -143,12 +146,11 @@ class Detector:
 
     Building it validates the weights and the source before any output folder is created.
     """
-
     def __init__(self, opts: DetectOptions) -> None:
         _check_options(opts)
         self.opts = opts
         weights = Path(opts.weights) if opts.weights else newest_best()
-        self.backend = DetectBackend(weights, threads=opts.threads, compile=opts.compile)
+        self.backend = DetectBackend(weights, threads=opts.threads, spin=opts.spin, compile=opts.compile)
         if opts.compile and self.backend.fmt != "pt":
             LOGGER.warning(f"--compile applies to .pt weights only; {weights.name} runs as {self.backend.fmt}")
         self.source = LoadSource(opts.source, opts.vid_stride)
@@ -296,15 +298,16 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry: parse, apply the runtime policy once, run. Errors propagate (`cli_main` prints them)."""
+
     opt = parse_opt(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(**vars(opt))
-    except (DetectError, BackendError, SourceError) as e:
-        print(f"detect: error: {e}", file=sys.stderr)
-        return 1
+    if opt.threads is not None and opt.threads < 1:
+        raise DetectError(f"--threads must be >= 1, got {opt.threads}")
+    policy = apply_policy(threads=opt.threads)
+    run(**vars(opt), spin=policy.spin)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main("detect.py", main))

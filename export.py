@@ -20,9 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.core.errors import UserError, cli_main
+from utils.core.paths import ROOT
+from utils.data.images import read_image
+from utils.data.letterbox import letterbox
+from utils.export.exporters import export_onnx, export_torchscript
 from utils.export.metadata import export_metadata
 from utils.infer.backend import BackendError, DetectBackend
-from utils.core.paths import ROOT
+from utils.infer.runtime import apply_policy
+from utils.ops.decode import Decoder
 
 LOGGER = logging.getLogger("mobileyolo.export")
 FORMATS = ("onnx", "torchscript")
@@ -35,7 +42,7 @@ ABS_TOL = 1e-4
 REFERENCE_DIR = ROOT / "data" / "bccd" / "images" / "val"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that failed its parity check against PyTorch, or bad export arguments."""
 
 
@@ -61,8 +68,6 @@ class Parity:
 def reference_batch(imgsz: tuple[int, int], batch: int = 1, image: str | Path | None = None) -> torch.Tensor:
     """A real image (first bundled BCCD val image unless `image` is given) letterboxed to `imgsz` (h, w),
     as float RGB 0..1 `[batch, 3, h, w]` (the same image repeated)."""
-    from utils.data.images import read_image
-    from utils.data.letterbox import letterbox
 
     if image is None:
         files = sorted(REFERENCE_DIR.glob("*.jpg"))
@@ -84,8 +89,6 @@ def compare(fmt: str, ref: torch.Tensor, out: torch.Tensor) -> Parity:
 
 
 def _load_model(weights: str | Path) -> tuple[torch.nn.Module, dict]:
-    from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from utils.ops.decode import Decoder
 
     try:
         ckpt = load_checkpoint(weights)
@@ -103,16 +106,14 @@ def _load_model(weights: str | Path) -> tuple[torch.nn.Module, dict]:
 def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "torchscript"),
         imgsz: int | tuple[int, int] | list[int] = 320, batch_size: int = 1, dynamic: bool = False,
         simplify: bool = False, opset: int = 17, check_image: str | Path | None = None,
-        outdir: str | Path | None = None, threads: int | None = None) -> dict[str, Path]:
+        outdir: str | Path | None = None, threads: int | None = None, spin: bool = True) -> dict[str, Path]:
     """Export `weights` (.pt checkpoint) to each format in `include`; returns {format: file}.
 
     Files go next to the weights (or into `outdir`) as `<stem>.onnx` / `<stem>.torchscript`. `imgsz` is
     the input size (int or [h, w], multiples of the model stride). Raises `ExportError` for bad
     arguments, an unreadable checkpoint or a failed parity check (the file is kept for inspection).
-    `threads` is passed to the `DetectBackend` that runs the check (default: physical cores).
+    `threads` and `spin` are passed to the `DetectBackend` that runs the check (default: physical cores).
     """
-    from utils.export.exporters import export_onnx, export_torchscript
-
     include = [f.lower() for f in include]
     bad = [f for f in include if f not in FORMATS]
     if bad or not include:
@@ -143,7 +144,7 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
         else:
             export_torchscript(wrapper, torch.zeros_like(x), file, meta)
         try:
-            parity = compare(fmt, ref, DetectBackend(file, threads=threads)(x))
+            parity = compare(fmt, ref, DetectBackend(file, threads=threads, spin=spin)(x))
         except BackendError as e:
             raise ExportError(f"{file}: written but cannot be loaded back: {e}") from None
         size_mb = file.stat().st_size / 1e6
@@ -155,6 +156,8 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry: parse, apply the runtime policy once, export. Errors propagate (`cli_main` prints them)."""
+
     parser = argparse.ArgumentParser(description="Export a MobileYOLO checkpoint to ONNX / TorchScript.")
     parser.add_argument("--weights", required=True, help="checkpoint (.pt) to export")
     parser.add_argument("--include", nargs="+", default=["onnx", "torchscript"], choices=FORMATS,
@@ -169,16 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-image", default=None, help="image for the PyTorch parity check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        files = run(args.weights, args.include, args.imgsz, args.batch_size, args.dynamic, args.simplify,
-                    args.opset, args.check_image)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 1
+    policy = apply_policy(threads=None)
+    files = run(args.weights, args.include, args.imgsz, args.batch_size, args.dynamic, args.simplify,
+                args.opset, args.check_image, spin=policy.spin)
     print("Export done: " + ", ".join(str(f) for f in files.values()))
     print(f"Use: python detect.py --weights {next(iter(files.values()))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main("export.py", main))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.core.devices import device_memory_str, select_device
+from utils.core.errors import FlagError, cli_main
 from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
                         seed_everything)
 from utils.eval.evaluator import evaluate
@@ -111,9 +113,14 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     model = build_model(cfg, nc, names, ckpt, device)
     gs = max(int(model.stride.max()), 32)
     if cfg.imgsz % gs:
-        raise ValueError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
-    save_dir = _make_save_dir(cfg, info)  # only now: bad input must not leave an empty run folder
+        raise FlagError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
+    # the one place the CPU training kernels enter the model (utils/accel/swap.py): eligible blocks get a
+    # forward on the mobileyolo:: ops in train mode; copies (EMA), checkpoints and eval stay plain PyTorch
+    from utils.accel.swap import accelerate
+
+    accelerate(model, enabled=cfg.accel, log=print if info.is_main else (lambda line: None))
     train_loader, train_ds, val_loader = build_loaders(cfg, data, hyp, gs, info)
+    save_dir = _make_save_dir(cfg, info)  # only now: bad input (an unusable dataset too) leaves no empty run folder
     if info.is_main and ckpt is None and not cfg.noautoanchor:
         det = model.detect
         new, _ = autoanchor(train_ds, det.anchors, det.stride, cfg.imgsz, thr=hyp["anchor_t"], seed=cfg.seed)
@@ -371,13 +378,15 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--noautoanchor", action="store_true", help="keep the YAML anchors")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--noplots", action="store_true", help="skip the data and validation plots")
+    p.add_argument("--no-accel", dest="accel", action="store_false",
+                   help="plain PyTorch training, without our CPU training kernels (also: MOBILEYOLO_CPU_KERNELS=0)")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI entry: parse the flags and train."""
+    """CLI entry: parse the flags and train. Errors propagate (`cli_main` prints a `UserError` as one line)."""
     return run(parse_opt(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main("train.py", main))

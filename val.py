@@ -8,24 +8,28 @@ The loop itself is `utils.eval.evaluator.evaluate`; `run()` is the CLI body (wei
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from utils.core.devices import select_device
+from utils.core.errors import FlagError, cli_main
 from utils.core.paths import ROOT, increment_path
+from utils.data import DataConfigError, check_dataset, create_dataloader
 from utils.eval.evaluator import evaluate
 from utils.eval.metrics import Metrics
+from utils.infer.backend import DetectBackend
+from utils.infer.runtime import apply_policy
 
 
-
-def _load_model(weights: str | Path, device: torch.device):
+def _load_model(weights: str | Path, device: torch.device, spin: bool = True):
     """A `DetectBackend` for .pt/.torchscript/.onnx (decoded output), moved to `device` when it is torch."""
-    from utils.infer.backend import DetectBackend
 
-    backend = DetectBackend(weights, pack=device.type == "cpu")  # packed convs are CPU-only
+    backend = DetectBackend(weights, spin=spin)
     if device.type != "cpu":
         if backend.fmt != "pt":
-            raise ValueError(f"{weights}: {backend.fmt} weights run on CPU only; use --device cpu")
+            raise FlagError(f"{weights}: {backend.fmt} weights run on CPU only; use --device cpu")
         backend.model.to(device)
     return backend
 
@@ -34,44 +38,58 @@ def run(data: str | Path, weights: str | Path, imgsz: int = 320, batch_size: int
         iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "cpu", workers: int = 2,
         single_cls: bool = False, augment: bool = False, verbose: bool = False, save_txt: bool = False,
         save_conf: bool = False, save_json: bool = False, project: str | Path = ROOT / "runs/val", name: str = "exp",
-        exist_ok: bool = False, half: bool = False, plots: bool = True, rect: bool | None = None) -> Metrics:
+        exist_ok: bool = False, half: bool = False, plots: bool = True, rect: bool | None = None,
+        spin: bool = True) -> Metrics:
     """Validate `weights` on split `task` ('val' or 'test') of the data YAML; returns the Metrics.
 
     `rect`: rectangular batches sorted by aspect ratio (None: whenever the weights take any input shape;
     a fixed-size ONNX export always gets square letterboxed images, so compare it with `rect=False`).
-    Results (plots, labels/, JSON) go to `project/name` (incremented: exp, exp2, ...).
+    Results (plots, labels/, JSON) go to `project/name` (incremented: exp, exp2, ...). `spin`: whether
+    ONNX Runtime's threads may spin-wait (`DetectBackend`). Raises a `UserError` subclass for bad
+    arguments, data or weights (`FlagError`, `DataConfigError`, `BackendError`).
     """
-    from utils.data import check_dataset, create_dataloader
-    from utils.core.devices import select_device
-
     if task not in ("val", "test"):
-        raise ValueError(f"--task {task!r}: expected 'val' or 'test'")
+        raise FlagError(f"--task {task!r}: expected 'val' or 'test'")
+    _check_values(imgsz=imgsz, batch_size=batch_size, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+                  workers=workers)
     if augment:
         print("WARNING: --augment (test-time augmentation) is not supported; validating without it")
     cfg = check_dataset(data)
     sources = cfg.val if task == "val" else cfg.test
     if not sources:
-        raise ValueError(f"{cfg.yaml_file}: no '{task}' split defined")
+        raise DataConfigError(f"{cfg.yaml_file}: no '{task}' split defined")
     dev = select_device(device)
-    model = _load_model(weights, dev)
+    model = _load_model(weights, dev, spin=spin)
     if not single_cls and model.nc != cfg.nc:
-        raise ValueError(f"{weights}: model has {model.nc} classes but {cfg.yaml_file} has {cfg.nc}; "
-                         f"use matching data or --single-cls")
+        raise DataConfigError(f"{weights}: model has {model.nc} classes but {cfg.yaml_file} has {cfg.nc}; "
+                              f"use matching data or --single-cls")
     if rect is None or not model.dynamic:
         rect = model.dynamic
     if not model.dynamic and model.imgsz[0] != imgsz:
         print(f"WARNING: {Path(weights).name} is a fixed {model.imgsz[0]}x{model.imgsz[1]} export; "
               f"--imgsz {imgsz} ignored")
         imgsz = model.imgsz[0]
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     loader, _ = create_dataloader(sources, imgsz, batch_size, stride=model.stride, rect=rect, workers=workers,
                                   pad=0.5 if rect else 0.0, nc=cfg.nc, prefix=f"{task}: ")
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # after every input check
     m = evaluate(model, loader, cfg.names, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
                  device=dev, save_dir=save_dir, plots=plots, verbose=verbose, half=half, single_cls=single_cls,
                  save_txt=save_txt, save_conf=save_conf, save_json=save_json)
     outputs = sorted(p.name for p in save_dir.iterdir())
     print(f"Results saved to {save_dir}: {', '.join(outputs) if outputs else '(nothing)'}")
     return m
+
+
+def _check_values(**values: float) -> None:
+    """`FlagError` naming the flag for a value val.py cannot use (thresholds in 0..1, counts >= 1)."""
+    for key, v in values.items():
+        flag = "--" + key.replace("_", "-")
+        if key.endswith("_thres") and not 0.0 <= v <= 1.0:
+            raise FlagError(f"{flag} must be in 0..1, got {v}")
+        if key == "workers" and v < 0:
+            raise FlagError(f"{flag} must be >= 0, got {v}")
+        if key in ("imgsz", "batch_size", "max_det") and v < 1:
+            raise FlagError(f"{flag} must be >= 1, got {v}")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,11 +121,14 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Metrics:
+    """CLI entry: parse, apply the runtime policy once, validate. Errors propagate (`cli_main` prints them)."""
+
     opt = vars(parse_opt(argv))
     opt["plots"] = not opt.pop("noplots")
     opt["rect"] = False if opt.pop("square") else None
-    return run(**opt)
+    policy = apply_policy(threads=None)
+    return run(**opt, spin=policy.spin)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main("val.py", main))

@@ -2,7 +2,8 @@
 
 For each model YAML: random weights saved as a checkpoint, exported with export.py's code to ONNX and
 TorchScript, then `.pt` (fused, channels_last), `.torchscript` and `.onnx` (ONNX Runtime, ORT_ENABLE_ALL)
-are timed round-robin on the same input so load changes hit all formats alike. Prints median ms.
+are timed round-robin on the same input so load changes hit all formats alike, under the runtime policy
+detect.py's `main()` applies (`utils.infer.runtime.apply_policy`). Prints median ms.
 Numbers on a shared machine are noisy; compare formats within one run only.
 
     python benchmarks/backends.py --cfg models/mobilenetv3-small-yolo.yaml models/yolov5n.yaml --threads 1
@@ -22,6 +23,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
 
 from utils.infer.backend import DetectBackend  # noqa: E402
+from utils.infer.runtime import apply_policy  # noqa: E402
 
 FORMATS = ("pt", "torchscript", "onnx")
 
@@ -38,7 +40,9 @@ def bench(cfg: str | Path, imgsz: int = 320, runs: int = 30, threads: int = 1) -
         save_checkpoint({"model": m.state_dict(), "ema": None, "yaml": m.yaml, "names": ["a", "b", "c"],
                          "stride": m.stride, "args": {"imgsz": imgsz}}, pt)
         files = {"pt": pt, **export.run(pt, ("onnx", "torchscript"), imgsz=imgsz, threads=threads)}
-        backends = {f: DetectBackend(files[f], threads=threads) for f in FORMATS}
+        policy = apply_policy(threads)  # as detect.py's main(): torch threads, allocator, ORT spin-waiting
+        torch.set_num_threads(threads)  # under the policy's off switch too: every format on `threads`
+        backends = {f: DetectBackend(files[f], threads=threads, spin=policy.spin) for f in FORMATS}
         x = torch.rand(1, 3, imgsz, imgsz)
         for b in backends.values():  # warm-up: lazy init, JIT profiling runs, ORT arena
             for _ in range(3):

@@ -54,10 +54,12 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
     import cv2
 
     import detect
-    from utils.infer.backend import PT_SUFFIXES
-    from utils.data.images import read_image
     from utils.core.draw import draw_boxes
+    from utils.data.images import read_image
+    from utils.infer.backend import PT_SUFFIXES
+    from utils.infer.runtime import apply_policy
 
+    policy = apply_policy(threads)  # what detect.py's main() does: torch threads, allocator, ORT spin-waiting
     with tempfile.TemporaryDirectory() as d:
         if weights is None:
             from benchmarks.latency import checkpoint_for
@@ -71,14 +73,14 @@ def run(weights: str | Path | None = None, cfg: str | Path = "models/mobilenetv3
         det = detect.Detector(detect.DetectOptions(weights=weights, source=source or detect.DEFAULT_SOURCE,
                                                    imgsz=imgsz, conf_thres=conf_thres, nosave=True,
                                                    project=Path(d) / "runs", threads=threads,
-                                                   compile=fmt == "ptc"))
+                                                   spin=policy.spin, compile=fmt == "ptc"))
         files = [f for f, k in zip(det.source.items, det.source.kinds) if k == "image"]
         if not files:
             raise ValueError(f"{source}: no images to time the detect path on")
         draw_args = {"line_thickness": det.opts.line_thickness, "hide_labels": False, "hide_conf": False}
         times: dict[str, list[float]] = {k: [] for k in STAGES}
         n_det, order = 0, files[:warmup] + files * passes
-        det.prepare(read_image(files[0]))  # .pt: packs (or, ptc, compiles) here, for the first image's shape
+        det.prepare(read_image(files[0]))  # .pt: warms up (ptc: compiles) here, for the first image's shape
         for k, f in enumerate(order):
             t = [time.perf_counter()]
             img = read_image(f)

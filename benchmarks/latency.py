@@ -123,9 +123,6 @@ def paired_ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, flo
     return statistics.median(r), q[0], q[2]
 
 
-FORMATS = ("pt", "ptc", "onnx")
-
-
 def _block_order(key: str, adjacent: tuple[str, ...], stems: list[str]) -> tuple[int, int]:
     """Sort key of a `'stem|fmt'` block in `time_all`'s rounds: format first, then `adjacent`, then the rest."""
     stem, fmt = key.split("|")
@@ -142,8 +139,10 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     """Median ms keyed by (cfg stem, format, size); formats 'pt', 'ptc' (with `compile`) and 'onnx'
     (when exported).
 
-    `malloc` and `spin` are passed to `DetectBackend` (allocator tuning; ONNX Runtime spin-waiting,
-    None = its busy-machine rule); `spins`, when given, collects what the ONNX sessions decided;
+    The process's runtime policy is applied first, as detect.py's `main()` does (`utils.infer.runtime.
+    apply_policy`: torch on `threads` threads, glibc allocator tuning when `malloc`). `spin`: ONNX Runtime
+    spin-waiting (None = `runtime.spin_ok(threads)`, the scripts' busy-machine rule, decided per session);
+    `spins`, when given, collects what the ONNX sessions used;
     `rounds`, when given, receives the per-round times (`interleaved_rounds`) under the same keys;
     `compile_s`, when given, receives each compile's seconds under (cfg stem, size), None where
     torch.compile failed (its 'ptc' figure is then the eager fallback's, and is left out).
@@ -154,8 +153,10 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     paired ratio's IQR spanned 0.45-0.57 in a run whose medians gave 0.50.)
     """
     from utils.infer.backend import DetectBackend
+    from utils.infer.runtime import apply_policy, spin_ok
 
-    torch.set_num_threads(threads)
+    apply_policy(threads, malloc=malloc)
+    torch.set_num_threads(threads)  # under the policy's off switch too: the figures are for `threads` threads
     result: dict[tuple[str, str, int], float] = {}
     spins = set() if spins is None else spins
     stems = [p.cfg.stem for p in prepared]
@@ -167,7 +168,8 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
             files = {"pt": p.pt, "ptc": p.pt if compile else None, "onnx": p.onnx.get(s)}
             for fmt, f in files.items():
                 if f is not None:
-                    b = DetectBackend(f, threads=threads, malloc=malloc, spin=spin, compile=fmt == "ptc")
+                    spin_f = (spin if spin is not None else spin_ok(threads)) if fmt == "onnx" else True
+                    b = DetectBackend(f, threads=threads, spin=spin_f, compile=fmt == "ptc")
                     if fmt == "onnx":
                         spins.add(bool(b.spin))
                     if fmt == "ptc":

@@ -34,7 +34,8 @@ def load_average() -> tuple[float, float, float] | None:
 
 def describe() -> dict[str, str]:
     """Machine facts as display strings. Keys: cpu, cores, os, python, torch, torch_threads,
-    onnxruntime, opencv, numpy, load, malloc, OMP_WAIT_POLICY, cpu_kernels (our C kernels: loaded or why not)."""
+    onnxruntime, opencv, numpy, load, malloc, OMP_WAIT_POLICY, cpu_kernels (our C training kernels: loaded
+    or why not)."""
     import cv2
     import numpy as np
     import torch
@@ -66,14 +67,12 @@ def describe() -> dict[str, str]:
 
 
 def cpu_kernels() -> str:
-    """Whether our C kernels (utils/accel/native.py) load here: without them both PyTorch paths are slower."""
+    """Whether our C training kernels (utils/accel/native.py, "train") load here, and with which compiler:
+    without them training runs slower. Inference uses none of our kernels (PyTorch, ONNX Runtime, Inductor)."""
     from utils.accel import native
 
-    parts = []
-    for kind in native.LIBRARIES:
-        state = "loaded" if native.load(kind) is not None else f"unavailable ({native.unavailable_reason(kind)})"
-        parts.append(f"{kind} {state}")
-    return ", ".join(parts) + f" ({native.compiler() or 'no C compiler'})"
+    state = "loaded" if native.load("train") is not None else f"unavailable ({native.unavailable_reason('train')})"
+    return f"train {state} ({native.compiler() or 'no C compiler'})"
 
 
 def markdown(info: dict[str, str]) -> str:

@@ -7,9 +7,9 @@ Each `--cfg` (random weights, seed 0, BN fused) is exported at a fixed size, add
 time: the plain graph (decode row by row, no pass), + static_se, + sigmoid_first (the passes of
 `utils.export.graph.LAYOUT_PASSES`), + planes decode (`utils.ops.decode._decode_traceable`) = what export.py
 writes. Every file runs through `DetectBackend` (detect.py's ONNX Runtime session: `--threads`
-intra-op threads, ORT_ENABLE_ALL); all of them are timed in interleaved rounds (benchmarks/latency.py)
-and each file's output is compared with the plain graph's. Prints the median ms per model and graph,
-and the first model's latency over the second's per graph.
+intra-op threads, ORT_ENABLE_ALL, detect.py's runtime policy); all of them are timed in interleaved
+rounds (benchmarks/latency.py) and each file's output is compared with the plain graph's. Prints the
+median ms per model and graph, and the first model's latency over the second's per graph.
 """
 from __future__ import annotations
 
@@ -71,15 +71,17 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, runs: int = 60, threads
     'ratio': {label: first model's ms / second's}}` (ratio only with two or more models)."""
     from benchmarks.latency import interleaved_medians
     from utils.infer.backend import DetectBackend
+    from utils.infer.runtime import apply_policy
 
     cfgs = cfgs or DEFAULT_CFGS
+    policy = apply_policy(threads)  # as detect.py's main(): allocator tuning, ORT spin-waiting only when idle
     x = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
     fns, diffs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in cfgs:
             stem = Path(cfg).stem
             files = export_arms(cfg, imgsz, Path(tmp))
-            backends = {label: DetectBackend(f, threads=threads) for label, f in files.items()}
+            backends = {label: DetectBackend(f, threads=threads, spin=policy.spin) for label, f in files.items()}
             ref = backends["plain"](x)
             for label, be in backends.items():
                 diffs[(stem, label)] = float((be(x) - ref).abs().max())

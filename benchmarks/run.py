@@ -5,7 +5,8 @@
         --imgsz 320 --skip-train --out bench.md
 
 Per model: parameters, GFLOPs per size, batch-1 latency (median of `--runs` after warm-up) in PyTorch
-(detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included), in PyTorch
+(detect.py's path: `.pt` through `DetectBackend`, fused, channels_last, decode included; printed without a
+target: the fast paths we document are ONNX Runtime and --compile), in PyTorch
 compiled (`detect.py --compile`: torch.compile of model + decode, compiled before timing) and in ONNX
 Runtime (`--threads` intra-op threads, static export, decode in the graph), training images/s at 320
 batch 16 with peak memory (benchmarks/train_speed.py, one subprocess per model) and, for the training
@@ -16,9 +17,11 @@ and the issue's targets as ratios measured within this one run, each marked met 
 Latency timings interleave all (model, format) pairs in rounds (format by format, mobilenetv3-small-yolo's
 and yolov5n's blocks back to back; per round each gets 3 untimed re-warm calls, then 5 timed ones) so
 load changes hit them alike: on a shared machine absolute milliseconds drift, the ratios much less. The
-target ratios pair the two models round by round and give the spread over rounds. The process applies glibc allocator
-settings (see `utils.infer.backend.tune_malloc`, as detect.py does) and exports them to the training
-subprocesses; `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
+target ratios pair the two models round by round and give the spread over rounds. The process applies the
+runtime policy detect.py's `main()` applies (`utils.infer.runtime.apply_policy`: torch on `--threads`
+threads, glibc allocator settings `MALLOC_SETTINGS`), exports the allocator settings to the training
+subprocesses and decides ONNX Runtime spin-waiting with `runtime.spin_ok`, as detect.py does;
+`--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
 (fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment
 wins) it sets OMP_WAIT_POLICY=PASSIVE before torch loads, so torch's OpenMP threads sleep instead of
 spinning while they wait for each other. With libgomp's default a batch-1 forward pass on 2 threads took
@@ -42,10 +45,10 @@ if __name__ == "__main__" and not __package__:
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL, NANO = "mobilenetv3-small-yolo", "yolov5n"
-# (what, figure key, size, 'max' or 'min', bound): mobilenetv3-small-yolo's figure over yolov5n's, as the issue states them
+# (what, figure key, size, 'max' or 'min', bound): mobilenetv3-small-yolo's figure over yolov5n's, as the issue states them.
+# Eager PyTorch ("pt") has no target any more (issue 18): the table still prints its figures.
 TARGETS = (
     ("ONNX Runtime latency at 320, mobilenetv3-small-yolo / yolov5n", "onnx", 320, "max", 0.5),
-    ("PyTorch latency at 320, mobilenetv3-small-yolo / yolov5n", "pt", 320, "max", 0.6),
     ("PyTorch latency at 320 with detect.py --compile, mobilenetv3-small-yolo / yolov5n", "ptc", 320, "max", 0.6),
     ("training images/s, mobilenetv3-small-yolo / yolov5n", "train", 320, "min", 2.0),
 )
@@ -194,8 +197,8 @@ def markdown(rep: Report) -> str:
     parts = ["## Benchmarks", "", f"Batch-1 latency: median of {rep.runs} runs after 5 warm-up runs, "
              f"{rep.threads} threads (PyTorch and ONNX Runtime), models and formats timed in interleaved "
              f"rounds (per round and model: 3 untimed calls to re-warm, then 5 timed). "
-             f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included); PyTorch --compile = "
-             f"the same with `detect.py --compile` (torch.compile, weights frozen, C++ wrapper; compile = the "
+             f"PyTorch = detect.py's `.pt` path (fused, channels_last, decode included; no target); "
+             f"PyTorch --compile = the same with `detect.py --compile` (torch.compile, weights frozen, C++ wrapper; compile = the "
              f"longest of its first-call compiles, on-disk cache as found); ORT = static ONNX "
              f"export with decode in the graph. Training: forward + loss + backward + SGD step on random "
              f"data, 320 px, batch 16, no data loading, median step of all rounds (every model measured "
@@ -221,16 +224,17 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
 
     from benchmarks import detect_path, latency
     from benchmarks.machine import describe
-    from utils.infer.backend import MALLOC_SETTINGS, PT_SUFFIXES, tune_malloc
+    from utils.infer.backend import PT_SUFFIXES
+    from utils.infer.runtime import MALLOC_SETTINGS, apply_policy
 
     t0 = time.time()
     if malloc_tune:
-        tune_malloc()
         for k, v in MALLOC_SETTINGS.items():  # the training subprocesses inherit these
             os.environ.setdefault(k, str(v))
-    else:  # DetectBackend (also inside export.py and detect.py) would apply them otherwise
+    else:  # nothing in this process or its subprocesses (a script's main()) may apply them then
         os.environ["MOBILEYOLO_MALLOC_TUNE"] = "0"
-    torch.set_num_threads(threads)
+    apply_policy(threads, malloc=malloc_tune)  # what detect.py's main() does before its first frame
+    torch.set_num_threads(threads)  # under the policy's off switch too: the figures are for `threads` threads
     cfgs = [Path(c) for c in (cfgs or detector_yamls())]
     sizes = sorted({int(s) for s in sizes})
     rep = Report(describe(), sizes, runs, threads)

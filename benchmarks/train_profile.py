@@ -6,7 +6,9 @@
 Each row runs alone on the inputs the full model feeds it (computed once, detached), and its outputs
 are back-propagated with a dense gradient of ones, so rows can be compared but do not share caches
 as in the full step. Also prints the whole forward + backward, the loss alone (on detached maps) and
-the sum of the rows, in train mode and channels_last as train.py trains. Random data, no data loading.
+the sum of the rows, in train mode and channels_last as train.py trains, with the CPU training kernels
+swapped in as train.py does (`utils.accel.swap.accelerate`; `--no-accel` for plain PyTorch). Random
+data, no data loading.
 """
 from __future__ import annotations
 
@@ -56,9 +58,12 @@ def _row_step(m, inp):
     return step
 
 
-def run(cfg: str | Path, imgsz: int = 320, batch: int = 16, steps: int = 5, threads: int = 0, nc: int = 3) -> dict:
-    """Print and return `{'full': ms, 'loss': ms, 'rows': [(index, module, ms)]}` for `cfg`."""
+def run(cfg: str | Path, imgsz: int = 320, batch: int = 16, steps: int = 5, threads: int = 0, nc: int = 3,
+        accel: bool = True) -> dict:
+    """Print and return `{'full': ms, 'loss': ms, 'rows': [(index, module, ms)], 'accel': modules on the
+    CPU training kernels}` for `cfg`; `accel=False`: plain PyTorch."""
     from models.yolo import Model
+    from utils.accel.swap import accelerate
     from utils.data import load_hyp
     from utils.train.loss import ComputeLoss
 
@@ -66,6 +71,7 @@ def run(cfg: str | Path, imgsz: int = 320, batch: int = 16, steps: int = 5, thre
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)
+    n_accel = accelerate(model, enabled=accel, log=print)
     loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, load_hyp(), imgsz=imgsz)
     x = torch.rand(batch, 3, imgsz, imgsz).contiguous(memory_format=torch.channels_last)
     targets = torch.tensor([[i // 4, i % nc, 0.3 + 0.1 * (i % 4), 0.5, 0.2, 0.3] for i in range(4 * batch)])
@@ -79,7 +85,7 @@ def run(cfg: str | Path, imgsz: int = 320, batch: int = 16, steps: int = 5, thre
     for i, t, ms in rows:
         print(f"{i:>4}  {t:<32}{ms:>11.1f}{ms / total:>8.1%}")
     print(f"sum of rows {total:.1f} ms; full forward + backward {full:.1f} ms; loss alone {loss:.1f} ms")
-    return {"full": full, "loss": loss, "rows": rows}
+    return {"full": full, "loss": loss, "rows": rows, "accel": n_accel}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--no-accel", dest="accel", action="store_false", help="plain PyTorch: no CPU training kernels")
     a = p.parse_args(argv)
     if a.batch < 1 or a.steps < 1 or a.imgsz < 32 or a.imgsz % 32:
         p.error("--batch and --steps must be >= 1, --imgsz a multiple of 32")
-    run(a.cfg, a.imgsz, a.batch, a.steps, a.threads)
+    run(a.cfg, a.imgsz, a.batch, a.steps, a.threads, accel=a.accel)
 
 
 if __name__ == "__main__":

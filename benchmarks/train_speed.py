@@ -3,15 +3,19 @@
     python benchmarks/train_speed.py                      # every detector YAML in models/, 320 px, batch 16
     python benchmarks/train_speed.py --cfg models/mobilenetv3-small-yolo.yaml --steps 10 --threads 2
     python benchmarks/train_speed.py --paired models/mobilenetv3-small-yolo.yaml models/yolov5n.yaml --steps 20
+    python benchmarks/train_speed.py --no-accel ...       # plain PyTorch: without our CPU training kernels
 
 Each model runs in its own subprocess so that its peak resident memory (RSS, ru_maxrss; psutil when
 installed) is its own. Inputs are random images with random boxes: data loading is not measured.
-Classifier YAMLs (no Detect row) are skipped. Prints a markdown table.
+Classifier YAMLs (no Detect row) are skipped. Prints a markdown table. Models are set up as train.py
+sets them up, CPU training kernels included (`utils.accel.swap.accelerate`, one line on stderr says how
+many modules use them); `--no-accel` sets `MOBILEYOLO_CPU_KERNELS=0`, which the subprocesses inherit.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,12 +53,14 @@ def _peak_rss_mb() -> float:
 def training_step(cfg: str, imgsz: int = 320, batch: int = 16, nc: int = 3, freeze: int = 0):  # noqa: ANN201
     """(model, step): `step()` runs one forward + loss + backward + SGD step of `cfg` on fixed random data.
 
-    As train.py trains: train mode, channels_last. `freeze`: as --freeze, the first rows get no gradients.
+    As train.py trains: train mode, channels_last, `accelerate()`d (unless `MOBILEYOLO_CPU_KERNELS=0`).
+    `freeze`: as --freeze, the first rows get no gradients.
     """
     import torch
 
     sys.path.insert(0, str(ROOT))
     from models.yolo import Model
+    from utils.accel.swap import accelerate
     from utils.data import load_hyp
     from utils.train.loss import ComputeLoss
     from utils.train.optim import build_optimizer, freeze_layers
@@ -62,6 +68,7 @@ def training_step(cfg: str, imgsz: int = 320, batch: int = 16, nc: int = 3, free
     torch.manual_seed(0)
     model = Model(cfg, nc=nc).train().to(memory_format=torch.channels_last)
     freeze_layers(model, freeze)
+    accelerate(model, log=lambda line: print(f"{Path(cfg).name}: {line}", file=sys.stderr))
     hyp = load_hyp()
     loss_fn = ComputeLoss(model.detect.anchors, model.detect.stride, nc, hyp, imgsz=imgsz)
     opt = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -86,13 +93,15 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
             nc: int = 3, freeze: int = 0) -> dict:
     """Train `steps` timed steps (after `warmup`) of `cfg` on random data; return figures as a dict.
 
-    Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`.
+    Keys: `cfg`, `params` (M), `img_s` (training images per second), `step_ms`, `peak_rss_mb`, `accel`
+    (how many modules run on the CPU training kernels).
     """
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
     model, step = training_step(cfg, imgsz, batch, nc, freeze)
+    from utils.accel.swap import is_accelerated  # after training_step, which puts the repo on sys.path
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -102,7 +111,7 @@ def measure(cfg: str, imgsz: int = 320, batch: int = 16, steps: int = 5, warmup:
     step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy, shared machine
     return {"cfg": Path(cfg).name, "params": sum(p.numel() for p in model.parameters()) / 1e6,
             "img_s": batch / step_s, "step_ms": step_s * 1e3, "peak_rss_mb": _peak_rss_mb(), "batch": batch,
-            "steps_ms": [t * 1e3 for t in times]}
+            "steps_ms": [t * 1e3 for t in times], "accel": sum(is_accelerated(m) for m in model.modules())}
 
 
 def paired(cfg_a: str, cfg_b: str, imgsz: int = 320, batch: int = 16, steps: int = 10, warmup: int = 2,
@@ -168,10 +177,11 @@ def run(cfgs: list[str] | None = None, imgsz: int = 320, batch: int = 16, steps:
     print(f"\nTraining speed, CPU, nc=3, {imgsz} px, batch {batch}, threads {threads or torch.get_num_threads()}, "
           f"median of {steps} steps (forward + loss + backward + SGD step; no data loading"
           f"{f'; rows 0-{freeze - 1} frozen' if freeze else ''}):\n")
-    print("| model | params (M) | train img/s | step (ms) | peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | params (M) | train img/s | step (ms) | peak RSS (MiB) | modules on CPU kernels |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['cfg']} | {r['params']:.2f} | {r['img_s']:.1f} | {r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['cfg']} | {r['params']:.2f} | {r['img_s']:.1f} | {r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} "
+              f"| {r.get('accel', 0)} |")
     return rows
 
 
@@ -187,8 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--freeze", type=int, default=0, help="freeze the first N rows, as train.py --freeze")
     p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
                    help="print A's training speed over B's, from steps of the two taken in turn in one process")
+    p.add_argument("--no-accel", action="store_true",
+                   help="plain PyTorch: no CPU training kernels (sets MOBILEYOLO_CPU_KERNELS=0 for this run)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one YAML, print JSON
     a = p.parse_args(argv)
+    if a.no_accel:  # the environment switch, so that the per-model subprocesses inherit it
+        os.environ["MOBILEYOLO_CPU_KERNELS"] = "0"
     if a.paired:
         res = paired(*a.paired, a.imgsz, a.batch, a.steps, a.warmup, a.threads)
         print(json.dumps(res))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.yolo import Model
+from utils.core.errors import UserError
+
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "yaml", "names")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is missing, truncated, not a MobileYOLO checkpoint, or does not fit the model."""
 
 
@@ -60,6 +64,15 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     return path
 
 
+def torch_load_reason(e: BaseException) -> str:
+    """The useful part of a `torch.load` error: the unpickler's own sentence (`Unsupported global: GLOBAL
+    io.open ...`) when torch names one, else the first line; ANSI colour codes removed, at most 200 chars."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    m = re.search(r"WeightsUnpickler error: (.+?)(?:\. |\.?$)", text, flags=re.MULTILINE)
+    line = m.group(1) if m else (text.splitlines()[0] if text else type(e).__name__)
+    return line.strip()[:200]
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with `weights_only=True`; raise `CheckpointError` naming the file and the reason."""
     path = Path(path)
@@ -70,7 +83,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = torch_load_reason(e)
         kind = "refused unsafe content" if "weights only" in str(e).lower() else "unreadable or truncated"
         raise CheckpointError(f"{path}: not a valid MobileYOLO checkpoint ({kind}: {reason})") from None
     if not isinstance(ckpt, dict):
@@ -87,8 +100,6 @@ def model_from_checkpoint(ckpt: dict | str | Path, ema: bool = True) -> torch.nn
     The EMA weights are used when present and `ema` is true; a state_dict that does not fit the YAML
     raises `CheckpointError` listing the first mismatching keys.
     """
-    from models.yolo import Model  # local import: utils must not import the model package at import time
-
     src = "checkpoint"
     if not isinstance(ckpt, dict):
         src = str(ckpt)

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.checkpoint import CheckpointError, torch_load_reason
 from models.mobilenetv3 import Classify, MobileNetV3_InvertedResidual, conv_bn_hswish
+from utils.core.errors import MissingFileError
 
 MNV3_TYPES = (conv_bn_hswish, MobileNetV3_InvertedResidual)
 
@@ -46,20 +48,23 @@ def read_state_dict(weights: Any) -> dict[str, torch.Tensor]:
     if isinstance(weights, dict):
         sd = weights
     elif isinstance(weights, (str, Path)) and Path(weights).is_file():
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for unsafe content, RuntimeError/EOFError for bad files
+            raise CheckpointError(f"{weights}: not a loadable state_dict ({torch_load_reason(e)})") from None
     elif isinstance(weights, (str, Path)) and re.fullmatch(r"MobileNet_V3_\w+_Weights\.\w+", str(weights)):
         from torchvision.models import get_weight  # online path: never used by the tests
         sd = get_weight(str(weights)).get_state_dict(progress=True)
     elif hasattr(weights, "get_state_dict"):
         sd = weights.get_state_dict(progress=True)
     else:
-        raise FileNotFoundError(f"torchvision weights not found: {weights!r} (give a local .pth file, a "
-                                f"state_dict, or a torchvision MobileNet_V3_*_Weights enum)")
+        raise MissingFileError(f"torchvision weights not found: {weights!r} (give a local .pth file, a "
+                               f"state_dict, or a torchvision MobileNet_V3_*_Weights enum)")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not any(str(k).startswith("features.") for k in sd):
-        raise ValueError(f"{weights if isinstance(weights, (str, Path)) else 'state_dict'}: not a "
-                         f"torchvision MobileNetV3 state_dict (no 'features.*' keys)")
+        raise CheckpointError(f"{weights if isinstance(weights, (str, Path)) else 'state_dict'}: not a "
+                              f"torchvision MobileNetV3 state_dict (no 'features.*' keys)")
     return sd
 
 

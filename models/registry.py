@@ -22,12 +22,14 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 from torch import nn
 
+from utils.core.errors import UserError
+
 REGISTRY: dict[str, type] = {}
 
 T = TypeVar("T", bound=type)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model YAML (or dict) that cannot be built; the message names file, row index and row."""
 
 

@@ -22,6 +22,7 @@ from models.mobilenetv3 import Classify  # noqa: E402
 from models.parse import parse_model  # noqa: E402
 from models.registry import ModelConfigError  # noqa: E402
 from models.summary import summary_line, summary_table  # noqa: E402
+from utils.core.errors import MissingFileError, cli_main  # noqa: E402
 
 PROBE_SIZE = 128  # px; a multiple of the largest stride (128 covers strides up to 64, cheaply)
 
@@ -32,7 +33,7 @@ def load_cfg(cfg: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
         return copy.deepcopy(cfg), str(cfg.get("yaml_file", "<dict>"))
     path = Path(cfg)
     if not path.is_file():
-        raise FileNotFoundError(f"model config not found: {path}")
+        raise MissingFileError(f"model config not found: {path}")
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -167,11 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imgsz", type=int, default=320, help="image size for GFLOPs (px)")
     parser.add_argument("--nc", type=int, default=None, help="override the number of classes")
     args = parser.parse_args(argv)
-    try:
-        run(args.cfg, args.imgsz, args.nc)
-    except (ModelConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run(args.cfg, args.imgsz, args.nc)  # a ModelConfigError/MissingFileError is printed by cli_main
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main("yolo.py", main))

@@ -1,41 +1,36 @@
-"""The CPU training fast path (utils/accel/train_kernels.py, utils/accel/native.py) against PyTorch's own kernels."""
+"""The CPU training fast path (utils/accel/train_kernels.py on the mobileyolo:: ops) against PyTorch's own kernels:
+outputs, gradients and running statistics; where it must not apply."""
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from models import train_kernels
 from models.common import ConvBNAct
+from models.mobilenetv3 import SELayer
 from models.yolo import Model
-from utils.accel import native
+from tests.accel.helpers import needs_cc
+from utils.accel import accelerate, native, train_kernels
 from utils.data import load_hyp
 from utils.train.loss import ComputeLoss
 
 CL = torch.channels_last
-needs_cc = pytest.mark.skipif(native.compiler() is None or not shutil.which(native.compiler()),
-                              reason="no C compiler: the fast path is off and PyTorch's kernels run")
 
 
 @pytest.fixture
 def lib():
     lib = native.load()
     assert lib is not None, f"kernels did not build although a compiler exists: {native.unavailable_reason()}"
+    from utils.accel import ops
+
+    ops.register()
     return lib
 
 
-@pytest.fixture
-def torch_only(monkeypatch):
-    """Context in which the fast path is off (as without a compiler)."""
-    def off():
-        return monkeypatch.setattr(native, "load", lambda kind="train": None)
-    return off
-
-
 def _pair(c1, c2, k, s, g, act):
+    """(accelerated, plain) ConvBNAct with the same weights; the accelerated one only if it gains."""
     torch.manual_seed(0)
     a = ConvBNAct(c1, c2, k, s, g=g, act=act).train().to(memory_format=CL)
     b = ConvBNAct(c1, c2, k, s, g=g, act=act).train().to(memory_format=CL)
@@ -43,6 +38,7 @@ def _pair(c1, c2, k, s, g, act):
         a.bn.weight.uniform_(0.5, 1.5)
         a.bn.bias.uniform_(-0.5, 0.5)
     b.load_state_dict(a.state_dict())
+    accelerate(a)
     return a, b
 
 
@@ -87,9 +83,9 @@ def test_conv_bn_act_matches_pytorch(case, threads, lib):
         x2 = x.detach().clone().requires_grad_()
         y, y2 = fast(x), _plain(ref, x2)
         fused = type(fast.act) in train_kernels.ACT_CODES  # else BatchNorm and activation stay PyTorch's
-        assert ("_BNActFn" in type(y.grad_fn).__name__) == fused
+        assert ("mobileyolo_bn_act_forward" in type(y.grad_fn).__name__) == fused
         # the depthwise weight gradient is ours from 5x5 up, whatever the activation
-        assert ("_DepthwiseConvFn" in str(_graph(y.grad_fn))) == (g > 1 and k >= train_kernels.DW_MIN_K)
+        assert ("mobileyolo_dw_conv2d" in str(_graph(y.grad_fn))) == (g > 1 and k >= train_kernels.DW_MIN_K)
         gy = torch.randn_like(y2)
         (y * gy).sum().backward()
         (y2 * gy).sum().backward()
@@ -128,7 +124,7 @@ def test_depthwise_weight_grad_kernel(k, s, c, lib):
     p = k // 2
     conv = nn.Conv2d(c, c, k, s, p, groups=c, bias=False)
     x = torch.randn(2, c, 11, 14).contiguous(memory_format=CL)
-    y = train_kernels._DepthwiseConvFn.apply(x, conv.weight, s, p, lib)
+    y = torch.ops.mobileyolo.dw_conv2d(x, conv.weight, s, p)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     ref = torch.ops.aten.convolution_backward(g, x, conv.weight.detach(), None, [s, s], [p, p], [1, 1], False,
@@ -137,19 +133,23 @@ def test_depthwise_weight_grad_kernel(k, s, c, lib):
 
 
 @needs_cc
-def test_model_training_step_matches_pytorch(torch_only, lib):
-    """A whole MobileNetV3-Small-YOLO step: same loss and gradients with and without the fast path."""
+def test_model_training_step_matches_pytorch(lib):
+    """A whole MobileNetV3-Small-YOLO step: same loss, gradients and buffers accelerated and plain."""
     torch.manual_seed(0)
     cfg = "models/mobilenetv3-small-yolo.yaml"
     a = Model(cfg, nc=3).train().to(memory_format=CL)
     b = Model(cfg, nc=3).train().to(memory_format=CL)
     b.load_state_dict(a.state_dict())
+    assert accelerate(a) > 0
     x = torch.rand(2, 3, 96, 96).contiguous(memory_format=CL)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 0, 0.3, 0.6, 0.2, 0.2]])
     loss_fn = ComputeLoss(a.detect.anchors, a.detect.stride, 3, load_hyp(), imgsz=96)
-    la, _ = loss_fn(a(x), targets)
-    la.backward()
-    torch_only()
+    with torch.profiler.profile() as prof:
+        la, _ = loss_fn(a(x), targets)
+        la.backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert {"mobileyolo::bn_act_forward", "mobileyolo::bn_act_backward", "mobileyolo::dw_weight_grad",
+            "mobileyolo::se_gate_grad", "mobileyolo::se_input_grad"} <= ran
     lb, _ = loss_fn(b(x), targets)
     lb.backward()
     _close(la.detach(), lb.detach(), "loss")
@@ -164,7 +164,7 @@ def test_model_training_step_matches_pytorch(torch_only, lib):
 
 
 @needs_cc
-@pytest.mark.parametrize("why", ["eval", "no_grad", "float64", "nchw", "syncbn", "strided_stats"])
+@pytest.mark.parametrize("why", ["eval", "no_grad", "float64", "nchw", "syncbn", "strided_stats", "fused", "bn_eval"])
 def test_falls_back_where_it_does_not_apply(why, lib):
     m = ConvBNAct(8, 8, 3, 1, act=nn.ReLU()).train().to(memory_format=CL)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
@@ -178,10 +178,18 @@ def test_falls_back_where_it_does_not_apply(why, lib):
         m.bn.running_mean = torch.zeros(16)[::2]
     elif why == "syncbn":
         m.bn = nn.SyncBatchNorm(8)
+    elif why == "fused":  # BatchNorm folded into the conv: nothing left for the kernel
+        m.fuse()
+    elif why == "bn_eval":  # a BatchNorm held in eval mode inside a training model keeps its statistics
+        m.bn.eval()
+    accelerate(m)
     with torch.no_grad() if why == "no_grad" else torch.enable_grad():
         assert train_kernels.conv_bn_act(m, x) is None
         if why != "syncbn":  # SyncBatchNorm needs a process group to run
-            m(x)
+            with torch.profiler.profile() as prof:
+                y = m(x)
+            assert not any(e.key.startswith("mobileyolo::") for e in prof.key_averages())
+            assert torch.equal(y, ConvBNAct.forward(m, x))  # exactly the plain forward
 
 
 @needs_cc
@@ -194,7 +202,7 @@ def test_running_statistics_follow_pytorch_over_steps(momentum, lib):
     for step in range(1, 4):
         x = (torch.randn(2, 16, 5, 7) * (step + 1) + step).contiguous(memory_format=CL)
         y = fast(x)
-        assert "_BNActFn" in type(y.grad_fn).__name__
+        assert "mobileyolo_bn_act_forward" in type(y.grad_fn).__name__
         _plain(ref, x)
         _close(fast.bn.running_mean, ref.bn.running_mean, f"running mean, step {step}", 1e-5)
         _close(fast.bn.running_var, ref.bn.running_var, f"running var, step {step}", 1e-5)
@@ -204,21 +212,9 @@ def test_running_statistics_follow_pytorch_over_steps(momentum, lib):
 @needs_cc
 def test_one_value_per_channel_keeps_batchnorms_error(lib):
     m = ConvBNAct(8, 8, 1, 1, act=nn.ReLU()).train().to(memory_format=CL)
+    accelerate(m)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         m(torch.randn(1, 8, 1, 1).contiguous(memory_format=CL))
-
-
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("MOBILEYOLO_CPU_KERNELS", "0")
-    native.reset()
-    try:
-        assert native.load() is None
-        assert "MOBILEYOLO_CPU_KERNELS=0" in native.unavailable_reason()
-        m = ConvBNAct(4, 4, 3, 1, g=4, act=nn.ReLU()).train().to(memory_format=CL)
-        y = m(torch.randn(2, 4, 5, 5).contiguous(memory_format=CL).requires_grad_())
-        assert "BNAct" not in str(y.grad_fn)
-    finally:
-        native.reset()
 
 
 def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog):
@@ -226,11 +222,14 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("MOBILEYOLO_CACHE", str(tmp_path / "cache"))
     native.reset()
     try:
+        lines = []
         with caplog.at_level(logging.WARNING, logger="mobileyolo.native"):
-            assert native.load() is None
+            m = ConvBNAct(4, 4, 1, 1, act=nn.Hardswish()).train().to(memory_format=CL)
+            assert accelerate(m, log=lines.append) == 0
         assert "no-such-cc" in caplog.text and "PyTorch's" in caplog.text
+        assert len(lines) == 1 and "unavailable" in lines[0] and "no-such-cc" in lines[0]
         assert not list((tmp_path / "cache").glob("*"))  # nothing half written is left behind
-        m = ConvBNAct(4, 4, 1, 1, act=nn.Hardswish()).train().to(memory_format=CL)
+        assert type(m) is ConvBNAct and train_kernels.conv_bn_act(m, torch.randn(2, 4, 3, 3)) is None
         m(torch.randn(2, 4, 3, 3).contiguous(memory_format=CL)).sum().backward()
         assert m.conv.weight.grad is not None
     finally:
@@ -238,65 +237,14 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog):
 
 
 @needs_cc
-def test_build_failure_names_file_and_compiler(monkeypatch, tmp_path):
-    bad = tmp_path / "broken.c"
-    bad.write_text("void f(void) { this is not C; }\n")
-    with pytest.raises(RuntimeError, match=r"broken\.c") as e:
-        native.build(native.compiler(), tmp_path / "out.so", source=bad)
-    assert native.compiler() in str(e.value) and "error" in str(e.value)
-    assert not list(tmp_path.glob("*.so"))
-
-
-@needs_cc
-def test_build_into_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
-    monkeypatch.setenv("MOBILEYOLO_CACHE", str(tmp_path))
-    native.reset()
-    try:
-        lib = native.load()
-        assert lib is not None, native.unavailable_reason()
-        files = list(tmp_path.iterdir())
-        assert len(files) == 1 and files[0] == native.library_path(native.compiler())
-        assert files[0].name.startswith("cpu_train_kernels-") and files[0].suffix == ".so"
-        native.reset()
-        assert native.load() is not None and list(tmp_path.iterdir()) == files  # reused, not rebuilt
-    finally:
-        native.reset()
-
-
-@needs_cc
-def test_a_build_removes_the_same_librarys_stale_files_only(monkeypatch, tmp_path):
-    import os
-    import time
-
-    monkeypatch.setenv("MOBILEYOLO_CACHE", str(tmp_path))
-    old = time.time() - (native.STALE_DAYS + 1) * 86400
-    stale, recent = (tmp_path / f"cpu_train_kernels-{d * 16}.so" for d in "01")
-    other_kind = tmp_path / "cpu_infer_kernels-0000000000000000.so"  # another library: not this build's to prune
-    for f in (stale, recent, other_kind):
-        f.write_bytes(b"old build")
-    for f in (stale, other_kind):
-        os.utime(f, (old, old))
-    native.reset()
-    try:
-        assert native.load() is not None, native.unavailable_reason()
-        path = native.library_path(native.compiler())
-        assert sorted(tmp_path.iterdir()) == sorted([path, recent, other_kind])
-        os.utime(path, (old, old))  # a load marks the library it uses as used, so it is never stale itself
-        native.reset()
-        assert native.load() is not None and path.stat().st_mtime > old + 86400
-        assert native.prune_stale("train", keep=path, days=0) == [recent] and path.exists()
-    finally:
-        native.reset()
-
-
-@needs_cc
 @pytest.mark.parametrize("threads,scale", [(1, 1.0), (2, 1.0), (2, 40.0)])
-def test_squeeze_excite_matches_pytorch(threads, scale, torch_only, lib):
-    from models.mobilenetv3 import SELayer
-
+def test_squeeze_excite_matches_pytorch(threads, scale, lib):
     torch.manual_seed(0)
-    se = SELayer(40).train()
+    se, ref = SELayer(40).train(), SELayer(40).train()
+    ref.load_state_dict(se.state_dict())
+    accelerate(se)
     x = (torch.randn(3, 40, 7, 9) * scale).contiguous(memory_format=CL).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
     if scale > 1:  # large inputs push some gates past hardsigmoid's +-3 knees, where its slope is zero
         with torch.no_grad():
             a2 = se.fc2(torch.relu(se.fc1(x.mean((2, 3), keepdim=True))))
@@ -305,19 +253,15 @@ def test_squeeze_excite_matches_pytorch(threads, scale, torch_only, lib):
     torch.set_num_threads(threads)
     try:
         y = se(x)
-        assert type(y.grad_fn).__name__ == "_SEFnBackward"
-        gy = torch.randn_like(y)[:, :, :, :]
+        assert "mobileyolo_se_forward" in type(y.grad_fn).__name__
+        gy = torch.randn_like(y)
         y.backward(gy.contiguous())  # NCHW upstream gradient: copied to channels_last inside
-        fast = [x.grad.clone()] + [p.grad.clone() for p in se.parameters()]
-        x.grad = None
-        se.zero_grad()
-        torch_only()
-        y2 = se(x)
+        y2 = ref(x2)
         y2.backward(gy)
     finally:
         torch.set_num_threads(n0)
-    assert "_SEFn" not in type(y2.grad_fn).__name__
+    assert "mobileyolo" not in type(y2.grad_fn).__name__
     _close(y, y2, "output")
-    for what, a, b in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], fast,
-                          [x.grad] + [p.grad for p in se.parameters()]):
+    for what, a, b in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+                          [x.grad] + [p.grad for p in se.parameters()], [x2.grad] + [p.grad for p in ref.parameters()]):
         _close(a, b, f"{what} grad")

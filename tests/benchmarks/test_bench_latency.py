@@ -62,6 +62,7 @@ def test_latency_blocks_run_format_by_format_with_the_paired_models_adjacent():
     assert sorted(keys, key=lambda k: _block_order(k, (), stems))[:4] == [f"{s}|pt" for s in stems]
 
 
+@pytest.mark.slow
 def test_onnx_layout_benchmark_times_every_pass(capsys):
     from benchmarks import onnx_layout
     from utils.export.graph import LAYOUT_PASSES

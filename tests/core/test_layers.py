@@ -13,8 +13,10 @@ Layers, lowest first (a module may import its own folder and any folder of a low
     utils.train  loss, optimizer, EMA, AutoAnchor, config, setup
     scripts      train.py, val.py, detect.py, export.py, benchmarks/
 
-Imports inside a function count like any other (they only keep heavy optional packages off the import
-path, they do not bend the layers).
+Imports inside a function count like any other, and in the package and the four scripts a function
+imports only third-party packages (to keep a heavy optional one such as onnx, onnxruntime or matplotlib
+off the import path), never a project module. benchmarks/ may: they set the environment (OpenMP wait
+policy, allocator) before torch loads.
 """
 from __future__ import annotations
 
@@ -115,6 +117,30 @@ def find_cycle(edges: list[tuple[str, str, str, int]]) -> list[str] | None:
         if n not in state and (cyc := visit(n, [])):
             return cyc
     return None
+
+
+def local_project_imports(file: Path, name: str | None = None) -> list[str]:
+    """`name:line: module` (name: the file's path by default) for each project import inside a function body."""
+    out = []
+    for fn in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for n in ast.walk(fn):
+                names = ([a.name for a in n.names] if isinstance(n, ast.Import)
+                         else [n.module or "."] if isinstance(n, ast.ImportFrom) else [])
+                out += [f"{name or file.as_posix()}:{n.lineno}: {m}" for m in names
+                        if (isinstance(n, ast.ImportFrom) and n.level) or layer_of(m) is not None]
+    return out
+
+
+def test_functions_import_no_project_module():
+    files = [f.relative_to(ROOT) for m, f in project_modules().items() if not m.startswith("benchmarks")]
+    assert [hit for f in files for hit in local_project_imports(ROOT / f, f.as_posix())] == []
+
+
+def test_the_local_import_check_sees_one(tmp_path):
+    f = tmp_path / "probe.py"
+    f.write_text("import json\n\ndef g():\n    import onnx\n    from utils.ops import boxes\n    from . import x\n")
+    assert local_project_imports(f) == [f"{f.as_posix()}:5: utils.ops", f"{f.as_posix()}:6: ."]
 
 
 def test_every_import_points_down_the_layers():

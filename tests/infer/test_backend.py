@@ -12,6 +12,7 @@ from torch import nn
 from tests.backend_helpers import make_checkpoint, write_malicious
 from utils.export.metadata import export_metadata
 from utils.infer.backend import BackendError, DetectBackend
+from utils.infer.runtime import physical_cores
 from models.checkpoint import model_from_checkpoint
 from utils.ops.decode import Decoder
 from utils.export.exporters import export_onnx, export_torchscript
@@ -90,6 +91,31 @@ def test_onnx_threads_default_to_physical_cores(files):
     assert b.session.get_session_options().intra_op_num_threads == physical_cores()
     with pytest.raises(BackendError, match="threads must be >= 1"):
         DetectBackend(files["onnx"], threads=-2)
+
+
+def test_onnx_spin_setting_is_the_callers(files):
+    opts = DetectBackend(files["onnx"], threads=2).session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    with pytest.raises(RuntimeError):  # never set: ORT's default (spin) applies ...
+        opts.get_session_config_entry("session.intra_op.allow_spinning")
+    # ... but the threads stop spinning when a run ends, so they leave the cores to NMS and drawing
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    quiet = DetectBackend(files["onnx"], threads=2, spin=False)  # a busy machine: runtime.spin_ok said no
+    opts = quiet.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0" and not quiet.spin
+    assert quiet.session_config == {"session.intra_op.allow_spinning": "0"}
+    torch.testing.assert_close(quiet(torch.rand(1, 3, 64, 64)).shape, torch.Size([1, 3 * (64 + 16), 7]))
+
+
+def test_pt_backend_never_rewrites_its_model(files):
+    b = DetectBackend(files["pt"])
+    before = [(name, type(m)) for name, m in b.model.named_modules()]
+    params = {k: v.clone() for k, v in b.model.state_dict().items()}
+    for shape in ((1, 3, 64, 64), (2, 3, 96, 64)):  # first call, then another shape
+        b(torch.rand(*shape))
+    assert [(name, type(m)) for name, m in b.model.named_modules()] == before
+    assert all(torch.equal(v, params[k]) for k, v in b.model.state_dict().items())
+    assert not hasattr(b, "packed") and not hasattr(b, "native")
 
 
 def test_bad_files_each_give_one_clear_error(files, tmp_path):

@@ -120,6 +120,16 @@ def test_list_glob_and_classes(weights, tmp_path):
         detect.run(weights=weights, source=lst, classes=[5], project=tmp_path / "r", **COMMON)
 
 
+def test_to_tensor_matches_the_reference_conversion_and_is_channels_last():
+    import torch
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    x = detect.to_tensor(img)
+    ref = torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).float().div(255)[None]
+    assert x.shape == (1, 3, 64, 96) and x.dtype == torch.float32 and torch.equal(x, ref)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_sources_parse_streams_and_webcams():
     assert resolve_source("0") == ["0"] and stream_name("0") == "webcam0"
     assert resolve_source("rtsp://cam.local:554/live") == ["rtsp://cam.local:554/live"]
@@ -174,11 +184,15 @@ def test_bad_inputs_give_one_clear_error_each(weights, tmp_path):
 
 
 def test_cli_without_trained_weights_says_train_first(tmp_path, monkeypatch, capsys):
+    from utils.core.errors import cli_main
+
     monkeypatch.setattr(detect, "TRAIN_RUNS", tmp_path / "runs" / "train")
-    assert detect.main(["--project", str(tmp_path / "d")]) == 1
+    assert cli_main("detect.py", detect.main, ["--project", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "train first" in err
-    assert detect.main(["--weights", str(tmp_path / "none.pt")]) == 1
+    assert len(err.splitlines()) == 1 and "train first" in err and err.startswith("detect.py: error:")
+    assert cli_main("detect.py", detect.main, ["--weights", str(tmp_path / "none.pt")]) == 2
+    assert "none.pt: weights file not found" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_cli_default_picks_newest_best(weights, tmp_path, monkeypatch):
@@ -217,6 +231,7 @@ def test_view_img_when_opencv_cannot_open_windows_warns_once(weights, tmp_path, 
     assert len(calls) == 1 and caplog.text.count("cannot open windows") == 1 and det.speed.n == 3
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_500_video_frames(weights, tmp_path):
     video = make_video(tmp_path / "long.mp4", n=500, size=(64, 64), fps=25.0)
     assert len(LoadSource(video)) == 500
@@ -232,13 +247,13 @@ def test_memory_stays_flat_over_500_video_frames(weights, tmp_path):
     assert growth < 8.0, f"RSS grew {growth:.1f} MiB over 400 frames"
 
 
-def test_pt_weights_are_packed_for_the_first_frames_shape(weights, tmp_path, monkeypatch):
-    from utils import packed_conv
+def test_pt_weights_warm_up_on_the_first_frames_shape(weights, tmp_path, monkeypatch):
+    from utils.infer.backend import DetectBackend
 
-    seen, real = [], packed_conv.pack_convs
-    monkeypatch.setattr(packed_conv, "pack_convs", lambda model, x: seen.append(tuple(x.shape)) or real(model, x))
+    seen, real = [], DetectBackend.warmup
+    monkeypatch.setattr(DetectBackend, "warmup", lambda self, imgsz=None: seen.append(imgsz) or real(self, imgsz))
     src = make_images(tmp_path / "imgs", n=2, size=(96, 64))[0].parent  # landscape: 64x96 letterboxed
     det = detect.Detector(detect.DetectOptions(weights=weights, source=src, imgsz=96, nosave=True, project=tmp_path))
-    assert seen == [] and det.backend.packed == 0  # not warmed up on the square --imgsz
+    assert seen == []  # not warmed up on the square --imgsz
     frames = list(det.frames())
-    assert len(frames) == 2 and seen == [(1, 3, 64, 96)] and det.backend.packed > 0
+    assert len(frames) == 2 and seen == [(64, 96)]  # once, on the first frame's letterboxed shape

@@ -20,6 +20,7 @@ from utils.train.results import read_results
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_torchrun_two_cpu_processes(tmp_path):
     data = make_synthetic_dataset(tmp_path / "ds", n_train=8, n_val=4, imgsz=64, seed=5)

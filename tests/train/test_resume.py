@@ -91,6 +91,7 @@ def setup_files(tmp_path_factory):
     return tmp, argv, hyp
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_and_mid_save_then_resume(setup_files):
     tmp, argv, hyp = setup_files
     run_dir = tmp / "runs" / "exp"

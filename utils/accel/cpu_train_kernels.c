@@ -9,6 +9,10 @@
  * Layout: an NHWC tensor is an (M, C) row-major matrix, M = N*H*W. Threads split rows (or batch
  * images) and keep per-thread partial sums in the caller's `scratch`, reduced here in double.
  * Activation codes: 0 identity, 1 ReLU, 2 hard-swish (PyTorch's formulas and subgradients).
+ *
+ * These functions trust their arguments (sizes, strides, pointers): they are called only through the
+ * mobileyolo:: ops (utils/accel/op_impls.py), which check every tensor first, including a channel cap
+ * (ops.MAX_CHANNELS) that keeps the per-channel arrays below on the stack small.
  */
 #include <math.h>
 #include <stdlib.h>

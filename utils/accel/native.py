@@ -1,14 +1,16 @@
-"""Build and load our C kernels as shared libraries, once per machine.
+"""Build and load our C kernels as shared libraries, once per machine and CPU.
 
-Two libraries: "train" (`cpu_train_kernels.c`, utils/accel/train_kernels.py) and "infer"
-(`cpu_infer_kernels.c`, utils/native_infer.py). Each C file is compiled on first use with the system C
-compiler (`$CC`, else `cc`/`gcc`/`clang`), `-O3 -march=native -fopenmp`, into a cache folder
-(`$MOBILEYOLO_CACHE`, else `~/.cache/mobileyolo`), named by a hash of the source, the flags, the
-compiler and the CPU's feature flags: a cache shared by machines with different CPUs never hands one
-a library built for the other. The build writes to a
-temporary file and then `os.replace`s it, so concurrent first uses (DDP workers) cannot see a half
-written library. OpenMP: the library links `libgomp.so.1`; the dynamic loader hands it the copy
-PyTorch has already loaded, so its threads are PyTorch's.
+One library, "train" (`cpu_train_kernels.c`; utils/accel/ops.py wraps it in checked custom ops). The C
+file is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`/`clang`),
+`-O3 -march=native -fopenmp`, into a cache folder (`$MOBILEYOLO_CACHE`, else `~/.cache/mobileyolo`),
+named by a hash of the source, the flags, the compiler and `cpu_id()` (the CPU's model name and feature
+flags). Beside each library a sidecar file (`.cpu`) holds the `cpu_id()` it was built on, and a cached
+library is loaded only when its sidecar names this CPU (else it is rebuilt): code built for one CPU's
+instruction set is never run on another, whatever a shared cache or a copied folder holds. The build
+writes to temporary files and `os.replace`s them, sidecar first, so concurrent first uses (DDP workers)
+never see a half written library. Within a process `load()` holds a lock while it builds and loads, so
+threads that ask at once get the one library object. OpenMP: the library links `libgomp.so.1`; the
+dynamic loader hands it the copy PyTorch has already loaded, so its threads are PyTorch's.
 
 Old builds do not pile up: each load marks its file as used (its mtime), and a build removes the
 same library's other files that no process has loaded for `STALE_DAYS` (an older source, compiler or
@@ -27,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +62,10 @@ LIBRARIES = {
         "se_gate_grad": [_P, _P, _P, _L, _L, _L, _I],
         "se_input_grad": [_P, _P, _P, _P, _L, _L, _L, _I],
     }, what="CPU training kernels"),
-    # -std=c99 alone turns off a*b+c contraction into FMA, which the depthwise conv's loops are made of
-    "infer": Library(Path(__file__).with_name("cpu_infer_kernels.c"), {
-        "dw_conv_act": [_P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _I, _I, _I, _I, _I],
-        "se_forward": [_P, _P, _L, _L, _L, _L, _P, _P, _P, _P, _I],
-    }, extra_flags=("-ffp-contract=fast",), what="CPU inference kernels"),
 }
 STALE_DAYS = 14  # a cached library nobody loaded for this long is removed by the next build of its kind
 _STATE: dict[str, dict[str, object]] = {}  # kind -> {"lib": the CDLL or None once tried, "why": reason it is None}
+_LOCK = threading.Lock()  # one first build + load at a time; a finished state is read without it
 
 
 def cache_dir() -> Path:
@@ -80,25 +79,64 @@ def compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _cpu_flags() -> str:
+# /proc/cpuinfo fields that say which instructions `-march=native` may use (x86: model name and flags;
+# ARM: implementer, part and features). Only the first processor's are read: all cores of a machine match.
+_CPU_FIELDS = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+
+
+def cpu_id(cpuinfo: str | None = None) -> str:
+    """This CPU's model name and feature flags as one line per field, from `cpuinfo` (the text of
+    `/proc/cpuinfo`, read when None), else what `platform` knows. Libraries built with `-march=native`
+    are keyed and checked on this string."""
+    found: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in _CPU_FIELDS and key not in found:
+            found[key] = " ".join(value.split())
+    if not found:
+        return f"{platform.machine()} {platform.processor()}".strip()
+    return "\n".join(f"{k}: {found[k]}" for k in _CPU_FIELDS if k in found)
 
 
 def library_path(cc: str, kind: str = "train") -> Path:
+    """Cache file of library `kind` built by compiler `cc` for this CPU (`cpu_id()`)."""
     lib = LIBRARIES[kind]
-    key = hashlib.sha256("\0".join([lib.source.read_text(), " ".join(lib.flags), cc, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([lib.source.read_text(), " ".join(lib.flags), cc, cpu_id()]).encode())
     return cache_dir() / f"{lib.source.stem}-{key.hexdigest()[:16]}.so"
 
 
+def sidecar(path: Path) -> Path:
+    """The file beside library `path` that records the `cpu_id()` it was built on."""
+    return path.with_suffix(".cpu")
+
+
+def built_for_this_cpu(path: Path) -> bool:
+    """True when library `path` exists and its sidecar names this CPU; a missing or unreadable sidecar is False."""
+    try:
+        return path.is_file() and sidecar(path).read_text() == cpu_id()
+    except OSError:
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def build(cc: str, out: Path, kind: str = "train", source: Path | None = None) -> None:
-    """Compile library `kind` (or another `source` with its flags) into `out` atomically; raise
-    RuntimeError with the compiler's first error line."""
+    """Compile library `kind` (or another `source` with its flags) into `out` atomically, with its
+    sidecar (this CPU's `cpu_id()`) written first; raise RuntimeError with the compiler's first error line."""
     source = source or LIBRARIES[kind].source
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -112,6 +150,7 @@ def build(cc: str, out: Path, kind: str = "train", source: Path | None = None) -
         if res.returncode != 0:
             err = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip()[:300])
             raise RuntimeError(f"{cc} failed on {source.name}: {err}")
+        _write_atomic(sidecar(out), cpu_id())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -119,7 +158,8 @@ def build(cc: str, out: Path, kind: str = "train", source: Path | None = None) -
 
 
 def prune_stale(kind: str, keep: Path, days: float = STALE_DAYS) -> list[Path]:
-    """Remove library `kind`'s cached files other than `keep` that were last used over `days` ago; return them.
+    """Remove library `kind`'s cached files other than `keep` that were last used over `days` ago, with
+    their sidecars; return the libraries removed.
 
     Never raises: a file another process removed first, or a read-only cache, is left to the next build.
     """
@@ -129,6 +169,7 @@ def prune_stale(kind: str, keep: Path, days: float = STALE_DAYS) -> list[Path]:
             if f != keep and f.stat().st_mtime < cutoff:
                 f.unlink()
                 removed.append(f)
+                sidecar(f).unlink(missing_ok=True)
         except OSError:
             pass
     return removed
@@ -142,15 +183,27 @@ def _mark_used(path: Path) -> None:
 
 
 def load(kind: str = "train") -> ctypes.CDLL | None:
-    """Library `kind` ("train" or "infer"; built on first use), or None when unavailable; tried once per process."""
-    state = _STATE.setdefault(kind, {})
-    if "lib" in state:
+    """Library `kind` (built on first use), or None when unavailable; tried once per process.
+
+    Thread-safe: the first callers wait on one lock while one of them builds and loads; all get the
+    same object. A cached file is used only when `built_for_this_cpu()`; else it is rebuilt in place.
+    """
+    state = _STATE.get(kind)
+    if state is not None:  # published whole under the lock below, so never half filled
         return state["lib"]  # type: ignore[return-value]
+    with _LOCK:
+        state = _STATE.get(kind)
+        if state is None:
+            lib, why = _try_load(kind)
+            state = _STATE[kind] = {"lib": lib, "why": why}
+    return state["lib"]  # type: ignore[return-value]
+
+
+def _try_load(kind: str) -> tuple[ctypes.CDLL | None, str]:
+    """(library, '') or (None, why): build when needed, load, set the C functions' signatures."""
     spec = LIBRARIES[kind]
-    state["lib"], state["why"] = None, ""
     if os.environ.get("MOBILEYOLO_CPU_KERNELS") == "0":
-        state["why"] = "disabled by MOBILEYOLO_CPU_KERNELS=0"
-        return None
+        return None, "disabled by MOBILEYOLO_CPU_KERNELS=0"
     try:
         import torch  # noqa: F401 - load PyTorch's libgomp first, so that the library shares it
 
@@ -158,7 +211,7 @@ def load(kind: str = "train") -> ctypes.CDLL | None:
         if cc is None:
             raise RuntimeError("no C compiler found (set CC)")
         path = library_path(cc, kind)
-        if not path.is_file():
+        if not built_for_this_cpu(path):  # not built yet, or its sidecar names another CPU (or is missing)
             build(cc, path, kind)
             prune_stale(kind, path)
         _mark_used(path)
@@ -167,11 +220,9 @@ def load(kind: str = "train") -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = sig if isinstance(sig, tuple) else (sig, None)
     except (OSError, RuntimeError, AttributeError) as e:
-        state["why"] = str(e)
         LOGGER.warning("%s unavailable, using PyTorch's (slower): %s", spec.what, e)
-        return None
-    state["lib"] = lib
-    return lib
+        return None, str(e)
+    return lib, ""
 
 
 def unavailable_reason(kind: str = "train") -> str:
@@ -181,4 +232,5 @@ def unavailable_reason(kind: str = "train") -> str:
 
 def reset() -> None:
     """Forget the loaded libraries so that the next `load()` tries again (tests, changed environment)."""
-    _STATE.clear()
+    with _LOCK:
+        _STATE.clear()

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from utils.core.errors import FlagError
+
 
 def parse_device(device: str | int | None) -> tuple[str, list[int]]:
     """Split a device string into a kind (`cpu`, `cuda`, `mps`, `auto`) and its CUDA indices.
 
     `'0,1'` -> `('cuda', [0, 1])`, `'cuda:1'` -> `('cuda', [1])`, `'cpu'` -> `('cpu', [])`,
-    `''`/`None` -> `('auto', [])`. Raises ValueError naming the bad string.
+    `''`/`None` -> `('auto', [])`. Raises `FlagError` (a ValueError) naming the bad string.
     """
     s = str(device if device is not None else "").strip().lower().replace(" ", "")
     if s in ("", "auto"):
@@ -20,10 +22,10 @@ def parse_device(device: str | int | None) -> tuple[str, list[int]]:
     s = s.removeprefix("cuda:")
     parts = [p for p in s.split(",") if p != ""]
     if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"--device {device!r}: expected 'cpu', 'mps', a CUDA index like '0' or a list like '0,1'")
+        raise FlagError(f"--device {device!r}: expected 'cpu', 'mps', a CUDA index like '0' or a list like '0,1'")
     ids = [int(p) for p in parts]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"--device {device!r}: a CUDA index is repeated")
+        raise FlagError(f"--device {device!r}: a CUDA index is repeated")
     return "cuda", ids
 
 
@@ -31,8 +33,8 @@ def select_device(device: str | int | None = "cpu", local_rank: int = -1) -> tor
     """Return the `torch.device` to train or infer on.
 
     `local_rank >= 0` (a torchrun worker) picks `cuda:local_rank` for CUDA requests (torchrun starts one
-    process per listed GPU). A CUDA request on a machine without (enough) GPUs is a ValueError that says
-    what is available, not a CUDA traceback later.
+    process per listed GPU). A CUDA request on a machine without (enough) GPUs is an error that says
+    what is available (`FlagError`, a ValueError), not a CUDA traceback later.
     """
     kind, ids = parse_device(device)
     if kind == "auto":
@@ -41,17 +43,17 @@ def select_device(device: str | int | None = "cpu", local_rank: int = -1) -> tor
         return torch.device("cpu")
     if kind == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError("--device mps: MPS is not available on this machine; use --device cpu")
+            raise FlagError("--device mps: MPS is not available on this machine; use --device cpu")
         return torch.device("mps")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        raise FlagError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
     bad = [i for i in ids if i >= n]
     if bad:
-        raise ValueError(f"--device {device!r}: CUDA index {bad[0]} requested but only {n} GPU(s) visible (0..{n - 1})")
+        raise FlagError(f"--device {device!r}: CUDA index {bad[0]} requested but only {n} GPU(s) visible (0..{n - 1})")
     if local_rank >= 0:
         if local_rank >= len(ids):
-            raise ValueError(f"--device {device!r} lists {len(ids)} GPU(s) but torchrun started local rank {local_rank}")
+            raise FlagError(f"--device {device!r} lists {len(ids)} GPU(s) but torchrun started local rank {local_rank}")
         return torch.device("cuda", ids[local_rank])
     return torch.device("cuda", ids[0])
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
+
+from utils.core.errors import FlagError, MissingFileError, cli_main, first_line
+from utils.data.data_yaml import DataConfigError
 
 LOGGER = logging.getLogger("mobileyolo.data")
 
@@ -37,7 +41,12 @@ def coco2yolo(json_file: str | Path, out_dir: str | Path, skip_crowd: bool = Tru
     """
     from pycocotools.coco import COCO  # reads and indexes the JSON (same reader as the metrics)
 
-    coco = COCO(str(json_file))
+    if not Path(json_file).is_file():
+        raise MissingFileError(f"{json_file}: COCO JSON not found")
+    try:
+        coco = COCO(str(json_file))
+    except (ValueError, KeyError, TypeError, AssertionError) as e:  # bad JSON, or JSON of another shape
+        raise DataConfigError(f"{json_file}: not a COCO detection JSON ({first_line(e)})") from None
     cat_ids = sorted(coco.getCatIds())
     to_yolo = {cid: i for i, cid in enumerate(cat_ids)}
     out = Path(out_dir)
@@ -67,14 +76,14 @@ def _voc_objects(xml_file: Path) -> tuple[float, float, str, list[tuple[str, lis
         size = root.find("size")
         w, h = float(size.findtext("width")), float(size.findtext("height"))
     except (ET.ParseError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"{xml_file}: not a Pascal VOC annotation with <size><width>/<height> ({e})") from None
+        raise DataConfigError(f"{xml_file}: not a Pascal VOC annotation with <size><width>/<height> ({e})") from None
     objs = []
     for k, obj in enumerate(root.iter("object")):
         try:
             bb = obj.find("bndbox")
             box = [float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"{xml_file}: object {k} has no valid <bndbox>") from None
+            raise DataConfigError(f"{xml_file}: object {k} has no valid <bndbox>") from None
         objs.append(((obj.findtext("name") or "").strip(), box, obj.findtext("difficult") == "1"))
     return w, h, root.findtext("filename") or f"{xml_file.stem}.jpg", objs
 
@@ -89,7 +98,10 @@ def voc2yolo(xml: str | Path | Sequence[str | Path], out_dir: str | Path, names:
     files = sorted(Path(xml).glob("*.xml")) if isinstance(xml, (str, Path)) and Path(xml).is_dir() else \
         [Path(x) for x in ([xml] if isinstance(xml, (str, Path)) else xml)]
     if not files:
-        raise ValueError(f"no .xml files in {xml}")
+        raise DataConfigError(f"{xml}: no .xml files found")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise MissingFileError(f"{missing[0]}: VOC annotation not found")
     parsed = [(f, _voc_objects(f)) for f in files]
     if names is None:
         names = sorted({o[0] for _, (_, _, _, objs) in parsed for o in objs})
@@ -121,7 +133,7 @@ def run(fmt: str, src: str | Path, out: str | Path, names: Sequence[str] | None 
     elif fmt == "voc":
         result = voc2yolo(src, out, names=names, skip_difficult=skip_difficult)
     else:
-        raise ValueError(f"unknown format '{fmt}' (use coco or voc)")
+        raise FlagError(f"unknown format '{fmt}' (use coco or voc)")
     print(f"Wrote YOLO labels to {out}. For the data YAML:\nnc: {len(result)}\nnames:")
     for i, n in enumerate(result):
         print(f"  {i}: {n}")
@@ -148,4 +160,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main("convert.py", main))

@@ -19,12 +19,14 @@ from typing import Any
 
 import yaml
 
+from utils.core.errors import UserError
+
 LOGGER = logging.getLogger("mobileyolo.data")
 IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp")
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # where bundled YAMLs (bccd.yaml, hyps/) live
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A data YAML or image list is unusable; the message names the key or file."""
 
 
@@ -66,6 +68,13 @@ def _parse_names(raw: Any, yaml_file: Path) -> list[str]:
     raise DataConfigError(f"{yaml_file}: 'names' must be a list or an {{id: name}} mapping, got {type(raw).__name__}")
 
 
+def _same_int(value: Any, n: int) -> bool:
+    try:
+        return int(value) == n
+    except (TypeError, ValueError):  # `nc: many` is reported as a mismatch, naming the value
+        return False
+
+
 def _resolve_split(raw: Any, key: str, root: Path, yaml_file: Path) -> list[Path]:
     entries = raw if isinstance(raw, (list, tuple)) else [raw]
     out = []
@@ -103,7 +112,7 @@ def check_dataset(data: str | Path | dict) -> DataConfig:
     names = _parse_names(cfg["names"], yaml_file)
     if not names:
         raise DataConfigError(f"{yaml_file}: 'names' is empty")
-    if cfg.get("nc") is not None and int(cfg["nc"]) != len(names):
+    if cfg.get("nc") is not None and not _same_int(cfg["nc"], len(names)):
         raise DataConfigError(f"{yaml_file}: nc={cfg['nc']} but 'names' has {len(names)} entries")
     root = Path(str(cfg.get("path") or ".")).expanduser()
     root = (root if root.is_absolute() else yaml_file.parent / root).resolve()
@@ -173,7 +182,10 @@ def load_hyp(path: str | Path | None = None) -> dict:
     p = Path(path) if path else REPO_DATA / "hyps" / "default.yaml"
     if not p.is_file():
         raise DataConfigError(f"hyper-parameter file not found: {p}")
-    hyp = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:
+        hyp = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataConfigError(f"{p}: not valid YAML ({e})") from None
     if not isinstance(hyp, dict):
         raise DataConfigError(f"{p}: expected a mapping of hyper-parameters")
     return hyp

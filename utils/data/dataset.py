@@ -57,13 +57,14 @@ class YoloDataset(Dataset):
         self.rect = rect
         self.prefix = prefix
         files = list_image_files(sources)
+        where = ", ".join(map(str, sources)) if isinstance(sources, (list, tuple)) else str(sources)
         if not files:
-            raise DataConfigError(f"{prefix}no images ({', '.join(IMG_FORMATS)}) found in {sources}")
+            raise DataConfigError(f"{prefix}no images ({', '.join(IMG_FORMATS)}) found in {where}")
         res = scan_images(files, nc=nc, prefix=prefix)
         if not res.im_files:
-            raise DataConfigError(f"{prefix}no usable image in {sources}: all {res.n_corrupt} are corrupt")
+            raise DataConfigError(f"{prefix}no usable image in {where}: all {res.n_corrupt} are corrupt")
         if (augment if require_labels is None else require_labels) and not any(len(lb) for lb in res.labels):
-            raise DataConfigError(f"{prefix}no labels in {sources}: every image is a background "
+            raise DataConfigError(f"{prefix}no labels in {where}: every image is a background "
                                   f"(labels are looked up under a 'labels' folder beside 'images')")
         self.im_files, self.labels, self.shapes = res.im_files, res.labels, res.shapes
         self.batch_shapes, self.batch_index = None, None

@@ -13,13 +13,15 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils.core.errors import UserError
+
 MIN_SIDE = 10  # pixels; smaller images carry no usable object and are skipped
 MIN_DECODED = 0.5  # a truncated JPEG is kept only when at least this share of its rows decodes
 _ORIENT_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image that passed the scan could not be decoded later (changed on disk, or unsupported)."""
 
 

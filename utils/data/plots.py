@@ -9,17 +9,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.core.draw import class_color, draw_boxes
 from utils.ops.boxes import xywhn2xyxy
-
-
-def _color(i: int) -> tuple[int, int, int]:
-    """BGR colour of class i, from utils.core.draw when present so every figure agrees."""
-    try:
-        from utils.core.draw import class_color
-        return class_color(i)
-    except ImportError:  # the drawing module is optional for this file
-        rng = np.random.default_rng(int(i))
-        return tuple(int(v) for v in rng.integers(60, 255, 3))
 
 
 def plot_labels(labels: Sequence[np.ndarray], names: Sequence[str], save_dir: str | Path) -> Path:
@@ -35,7 +26,7 @@ def plot_labels(labels: Sequence[np.ndarray], names: Sequence[str], save_dir: st
         np.zeros((0, 5), np.float32)
     nc = max(len(names), int(lab[:, 0].max()) + 1 if len(lab) else 0)
     cls = lab[:, 0].astype(int)
-    colors = np.array([_color(c)[::-1] for c in range(max(nc, 1))], float) / 255  # BGR -> RGB for matplotlib
+    colors = np.array([class_color(c)[::-1] for c in range(max(nc, 1))], float) / 255  # BGR -> RGB for matplotlib
     fig, ax = plt.subplots(1, 3, figsize=(15, 5), tight_layout=True)
     counts = np.bincount(cls, minlength=nc)
     ax[0].bar(range(nc), counts, color=colors[:nc])
@@ -74,20 +65,12 @@ def plot_train_batch(imgs: torch.Tensor | np.ndarray, targets: torch.Tensor | np
     scale = min(1.0, max_size / (ns * max(h, w)))
     th, tw = int(h * scale), int(w * scale)
     mosaic = np.full((ns * th, ns * tw, 3), 255, np.uint8)
-    try:
-        from utils.core.draw import draw_boxes
-    except ImportError:
-        draw_boxes = None
     for i in range(bs):
         tile = cv2.resize(np.ascontiguousarray(imgs[i].transpose(1, 2, 0)[:, :, ::-1]), (tw, th))
         t = targets[targets[:, 0] == i]
         boxes = xywhn2xyxy(t[:, 2:6].astype(np.float64), tw, th)
         classes = t[:, 1].astype(int)
-        if draw_boxes is not None:
-            draw_boxes(tile, boxes, classes, names=names, line_thickness=1)
-        else:
-            for (x1, y1, x2, y2), c in zip(boxes, classes):
-                cv2.rectangle(tile, (int(x1), int(y1)), (int(x2), int(y2)), _color(c), 1)
+        draw_boxes(tile, boxes, classes, names=names, line_thickness=1)
         if paths is not None:
             cv2.putText(tile, Path(paths[i]).name[:40], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
                         cv2.LINE_AA)

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.eval.coco import run_cocoeval, save_coco_json
+from utils.eval.confusion import ConfusionMatrix
 from utils.eval.metrics import Metrics, compute_metrics
+from utils.eval.plots import (
+    plot_conf_curves,
+    plot_confusion_matrix,
+    plot_pr_curve,
+    plot_val_pairs,
+)
 from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.ops.decode import decode
 from utils.ops.nms import non_max_suppression
@@ -80,7 +88,6 @@ def print_results(m: Metrics, names: list[str], verbose: bool) -> None:
 
 
 def _finish_plots(m: Metrics, cm, names: list[str], save_dir: Path) -> None:
-    from utils.eval.plots import plot_confusion_matrix, plot_conf_curves, plot_pr_curve
 
     plot_confusion_matrix(cm, names, save_dir)
     if m.curves:
@@ -127,7 +134,6 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
     """
     from tqdm import tqdm
 
-    from utils.eval.confusion import ConfusionMatrix
 
     if (plots or save_txt or save_json) and save_dir is None:
         raise ValueError("evaluate: plots/save_txt/save_json need a save_dir")
@@ -159,7 +165,6 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
                 if labels_dir:
                     _save_txt(path, p, s0, labels_dir, save_conf)
             if plots and bi < PLOT_BATCHES:
-                from utils.eval.plots import plot_val_pairs
 
                 plot_val_pairs(imgs, targets, dets, names, Path(save_dir) / f"val_batch{bi}_pairs.jpg")
     finally:
@@ -181,7 +186,6 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
 def _coco_json(preds: list, gts: list, shapes0: list, files: list[str], names: list[str],
                save_dir: Path) -> np.ndarray:
     """Write predictions.json + gt_coco.json and print pycocotools' summary; returns its 12 stats."""
-    from utils.eval.coco import run_cocoeval, save_coco_json
 
     gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, save_dir, files)
     print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")

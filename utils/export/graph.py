@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.mobilenetv3 import SELayer
+
 
 class _StaticSE(nn.Module):
     """`SELayer` with the gate resized to the map's (fixed) size before the multiply; same weights."""
@@ -45,8 +47,6 @@ def static_se(wrapper: nn.Module) -> nn.Module:
     The original module is left untouched; outputs are identical (nearest resize of a 1x1 map is an
     exact broadcast).
     """
-    from models.mobilenetv3 import SELayer
-
     out = copy.deepcopy(wrapper)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):

@@ -20,16 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.core.errors import UserError
 from utils.core.errors import first_line as _first_line
 from utils.export.metadata import METADATA_FILE, parse_metadata
+from utils.infer.compiled import CompiledDecoder
 from utils.infer.runtime import physical_cores
+from utils.ops.decode import Decoder, decode
 
 PT_SUFFIXES = (".pt", ".pth")
 TS_SUFFIXES = (".torchscript", ".ts")
 ONNX_SUFFIXES = (".onnx",)
 
 
-class BackendError(ValueError):
+class BackendError(UserError, ValueError):
     """A weights file that is missing, of an unknown type, or not a MobileYOLO model."""
 
 
@@ -61,7 +65,6 @@ class DetectBackend:
     `imgsz`; once compiled, the compiled shape, as others run eager).
     The constructor and calls change no process-wide state and never rewrite the model.
     """
-
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
                  spin: bool = True, compile: bool = False) -> None:
         self.spin = bool(spin)
@@ -89,8 +92,6 @@ class DetectBackend:
 
     # ---- loaders -------------------------------------------------------------------------------
     def _load_pt(self, fuse: bool) -> None:
-        from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-        from utils.ops.decode import Decoder
 
         try:
             ckpt = load_checkpoint(self.file)
@@ -190,7 +191,6 @@ class DetectBackend:
         if self.fmt == "onnx":
             return self._run_onnx(x)
         if self.fmt == "pt":
-            from utils.ops.decode import decode
 
             model = self.model.model
             x = x.to(model.detect.anchors.device)  # val.py may move the model to a GPU
@@ -209,7 +209,6 @@ class DetectBackend:
 
     def _compile_for(self, x: torch.Tensor) -> None:
         """Compile model + decode for `x`'s shape once (utils.infer.compiled); on failure stay eager."""
-        from utils.infer.compiled import CompiledDecoder
 
         self._compile = False
         self._compiled = CompiledDecoder.build(self.model, torch.rand_like(x))  # random: a real parity check

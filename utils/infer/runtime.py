@@ -70,7 +70,7 @@ def idle_cpus(seconds: float = 0.5) -> float | None:
 
     Unlike the 1-minute load average, this is not inflated for a minute after the previous job
     ended: on a 2-core machine the load average still read 1.0 right after the test suite finished,
-    which made `--omp auto` pick PASSIVE waits on an idle machine (35 vs 24 ms for yolov5n in PyTorch).
+    which made `--omp auto` pick PASSIVE waits on an idle machine.
     None where /proc/stat is unavailable (then callers fall back to the load average).
     """
     a = cpu_times()
@@ -114,8 +114,8 @@ def idle_cores(sample: float = 0.1, max_age: float = 2.0) -> int:
 
 # glibc allocator settings for inference. By default glibc serves blocks above 128 KiB-32 MiB (an adaptive
 # threshold) with fresh mmap()s and returns freed heap tops to the OS, so every forward pass re-faults
-# and re-zeroes its activation buffers; keeping them in the heap made MobileNetV3-Small ~1/3 faster here
-# (benchmarks/run.py). 32 MiB is the largest mmap threshold glibc accepts on 64-bit.
+# and re-zeroes its activation buffers; keeping them in the heap makes batch-1 inference markedly faster
+# (benchmarks/run.py, docs/PERFORMANCE.md). 32 MiB is the largest mmap threshold glibc accepts on 64-bit.
 MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 512 * 2**20}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers from glibc's malloc.h
 _malloc_tuned = False

@@ -2,8 +2,9 @@
 
 `LoadSource(source, vid_stride)` iterates `Frame`s one at a time (nothing is kept between frames, so
 memory stays flat over long videos). Images are decoded with OpenCV (EXIF orientation applied); an
-unreadable image is skipped with a warning naming it. A video that cannot be opened, a folder with no
-images or videos, a missing path, or a `.txt` list that names nothing usable raise `SourceError`.
+unreadable image is skipped with a warning naming it, unless it is the whole source. A video that cannot
+be opened, a folder with no images or videos, a missing path, a `.txt` list that names nothing usable, or
+a single image that cannot be read raise `SourceError`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.core.errors import UserError
 from utils.data.data_yaml import IMG_FORMATS
-from utils.data.images import ImageReadError, read_image
+from utils.data.images import ImageReadError, read_image, verify_image
 
 LOGGER = logging.getLogger("mobileyolo.sources")
 VID_FORMATS = ("mp4", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "wmv", "webm", "ts", "gif", "asf")
@@ -26,7 +28,7 @@ STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp:/
 DEFAULT_FPS = 30.0  # used when a stream or a file does not report its frame rate
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A `--source` that cannot be read at all: missing path, empty folder, unopenable video."""
 
 
@@ -158,6 +160,10 @@ class LoadSource:
         self.kinds = ["stream" if is_stream(s) else "video" if _suffix(s) in VID_FORMATS else "image"
                       for s in self.items]
         self._counts = [self._expected(s, k) for s, k in zip(self.items, self.kinds)]
+        if self.kinds == ["image"]:  # the whole source is one image: unreadable is an error, not a warning
+            size, why = verify_image(self.items[0])
+            if size is None:
+                raise SourceError(why.removesuffix("; image skipped"))
 
     def _expected(self, item: str, kind: str) -> int:
         if kind == "image":
@@ -181,6 +187,8 @@ class LoadSource:
                 try:
                     yield Frame(item, read_image(item), "image")
                 except ImageReadError as e:
+                    if len(self.items) == 1:
+                        raise  # nothing else to run on: one line at the command line, not an empty run
                     LOGGER.warning(f"{e}; skipped")
             else:
                 yield from self._video_frames(item, kind)

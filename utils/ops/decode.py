@@ -33,7 +33,7 @@ def decode(maps: list[torch.Tensor], anchors: torch.Tensor, strides: torch.Tenso
     Rule (YOLOv5 v6): `xy = (2 s - 0.5 + grid) * stride`, `wh = (2 s)^2 * anchor`, with s = sigmoid(raw).
     While tracing/exporting, or when gradients flow, it is written with out-of-place ops only (clean
     ONNX/TorchScript graphs); otherwise it writes each level straight into the output: same arithmetic
-    (bit-identical at batch 1, within an ulp otherwise), 2x faster than sigmoid + cat + cat at nc=80.
+    (bit-identical at batch 1, within an ulp otherwise), and it skips the copies of sigmoid + cat + cat.
     """
     _check_maps(maps, anchors, strides)
     exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
@@ -49,9 +49,8 @@ def _decode_traceable(maps: list[torch.Tensor], anchors: torch.Tensor, strides: 
 
     In an ONNX graph the planes form's permute cancels the head's own (ONNX Runtime drops both), its
     slices and cat move whole H*W planes instead of 2-, 2- and 81-float pieces of every row, and the
-    Sigmoid, first, fuses into the head conv (utils/onnx_layout.sigmoid_first): 0.2-0.4 ms less per
-    frame in ONNX Runtime for yolov5n and MobileNetV3-Small at 320 (benchmarks/onnx_layout.py, same
-    outputs). In PyTorch the channels_last maps are row-major already, and planes were slower (TorchScript).
+    Sigmoid, first, fuses into the head conv (utils.export.graph.sigmoid_first): less time per frame in
+    ONNX Runtime, same outputs (benchmarks/onnx_layout.py; figures in docs/PERFORMANCE.md). In PyTorch the channels_last maps are row-major already, and planes were slower (TorchScript).
     """
     planes = torch.onnx.is_in_onnx_export() if planes is None else planes
     dim = 2 if planes else -1  # the 5 + nc axis

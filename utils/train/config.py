@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from utils.core.errors import FlagError
+
 DEFAULT_EPOCHS = 40  # `python train.py`: fits in 15 minutes on 2 CPU cores (README has the measured time)
 
 
@@ -49,6 +51,7 @@ class TrainConfig:
     noautoanchor: bool = False
     sync_bn: bool = False
     noplots: bool = False
+    accel: bool = True  # --no-accel: False; CPU training kernels swapped in by utils.accel.swap.accelerate
     hyp_overrides: dict = field(default_factory=dict)
     save_dir: str = ""
 
@@ -56,7 +59,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the flag for values train.py cannot use."""
+        """Raise `FlagError` (a ValueError) naming the flag for values train.py cannot use."""
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -71,7 +74,7 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise FlagError(msg)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (str/int/float/bool/None/dict) for args.yaml and checkpoints."""

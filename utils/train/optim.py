@@ -41,8 +41,8 @@ def split_param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def _fused_ok(params: list[nn.Parameter]) -> bool | None:
     """True when torch's fused (one-kernel) optimizer step applies to all `params`, else None (torch's default).
 
-    The default on the CPU is a Python loop over tensors: an SGD step of MobileNetV3-Small-YOLO's 180
-    tensors took 4.6 ms against 0.9 ms fused (yolov5n 7.6 vs 1.4 ms); results agree to float rounding.
+    The default on the CPU is a Python loop over tensors, several times slower for our ~200-tensor models
+    (docs/PERFORMANCE.md); results agree to float rounding.
     """
     return True if params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
                                   for p in params) else None
@@ -156,8 +156,8 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     """Set the running-statistics momentum of every BatchNorm layer; return how many were set.
 
     Validation runs in eval mode on the running statistics. torchvision's MobileNetV3 uses 0.01, which
-    suits long ImageNet schedules but lags far behind fast-changing weights in a short run (measured on
-    BCCD after 5 epochs: mAP50 0.04 with the lagging statistics, 0.48 after re-estimating them).
+    suits long ImageNet schedules but lags far behind fast-changing weights in a short run, and validation then sees stale statistics
+    (docs/PERFORMANCE.md has the BCCD measurement).
     """
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"hyp bn_momentum must be in (0, 1], got {momentum}")

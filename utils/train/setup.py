@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.registry import ModelConfigError
+from utils.core.errors import FlagError, MissingFileError
 from utils.train.config import TrainConfig
 
 
@@ -29,7 +31,7 @@ def find_last_checkpoint(project: str | Path) -> Path:
     """The most recently written `last.pt` under `project` (for a bare `--resume`)."""
     candidates = sorted(Path(project).rglob("last.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise FileNotFoundError(f"--resume: no last.pt found under {project}; pass the checkpoint path")
+        raise MissingFileError(f"--resume: no last.pt found under {project}; pass the checkpoint path")
     return candidates[-1]
 
 
@@ -38,7 +40,7 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
 
     The run folder is taken from where the checkpoint lies (`<run>/weights/last.pt`), so a run folder
     that was moved still resumes in place. Raises CheckpointError for a finished run or a stripped
-    checkpoint (no optimizer state), FileNotFoundError when there is nothing to resume.
+    checkpoint (no optimizer state), MissingFileError (a FileNotFoundError) when there is nothing to resume.
     """
     if not cfg.resume:
         return cfg, None
@@ -81,7 +83,7 @@ def build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: Any) ->
     from utils.train.dist import main_process_first
 
     if cfg.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
+        raise FlagError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
     bs = cfg.batch_size // info.world_size
     with main_process_first(info):  # rank 0 writes the label cache, the others then read it
         train_loader, train_ds = create_dataloader(
@@ -137,7 +139,7 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
     else:
         model = Model(repo_path(cfg.cfg), nc=nc)
         if model.detect is None:
-            raise ValueError(f"--cfg {cfg.cfg}: has no Detect head (a classifier YAML); train.py trains detectors")
+            raise ModelConfigError(f"--cfg {cfg.cfg}: has no Detect head (a classifier YAML); train.py trains detectors")
         if cfg.weights:
             n, total = transfer_weights(model, cfg.weights)
             print(f"Transferred {n}/{total} items from {cfg.weights}")
@@ -149,11 +151,12 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
             res = load_torchvision_backbone(model, cfg.backbone_weights)
             print(f"--backbone-weights {cfg.backbone_weights}: {res}")
             if not res.loaded:
-                raise ValueError(f"--backbone-weights {cfg.backbone_weights}: no tensor fits {cfg.cfg} "
+                raise CheckpointError(f"--backbone-weights {cfg.backbone_weights}: no tensor fits {cfg.cfg} "
                                  f"(is it a MobileNetV3 model of the same size?)")
     model.names = list(names)
     if model.detect is not None and model.detect.nc != nc:
-        raise ValueError(f"model has {model.detect.nc} classes but the dataset {cfg.data} has {nc}")
+        src = cfg.resume if ckpt is not None else cfg.cfg
+        raise CheckpointError(f"{src}: model has {model.detect.nc} classes but the dataset {cfg.data} has {nc}")
     if cfg.freeze:
         frozen = freeze_layers(model, cfg.freeze)
         print(f"Froze the first {cfg.freeze} rows ({len(frozen)} tensors)")

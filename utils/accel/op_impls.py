@@ -1,0 +1,226 @@
+"""Implementations behind the `mobileyolo::` custom ops (contracts: utils/accel/ops.py).
+
+Only `ops.register()` calls `define_all()`, once: importing this module registers nothing. Each CPU
+implementation runs its `ops.check_*` before touching a pointer; each fake (meta) implementation runs
+the same check and only allocates the outputs.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.accel import ops
+from utils.accel.ops import NS, _lib, _new, _nhwc
+
+_DEFS: dict[str, object] = {}  # name -> CustomOpDef: kept alive for the process
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _cpu_only(fn: Callable) -> Callable:
+    """The real implementations run C on every tensor argument's memory: CPU tensors only. The checks
+    also pass meta tensors (for the fakes), so a direct call with one is refused here."""
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor) and a.device.type != "cpu":
+                raise ValueError(f"{NS}::{fn.__name__}: argument {i} must be on the CPU, got {a.device}")
+        return fn(*args)
+    return run
+
+
+# ---- BatchNorm (batch statistics) + activation
+
+@_cpu_only
+def bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
+    n, c, h, w = ops.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
+    y, stats = _new(x, tuple(x.shape), nhwc=True), x.new_empty(3, c)
+    rm, rv = running_mean.clone(), running_var.clone()  # functional: the C call updates these copies
+    if _lib().bn_act_forward(x.data_ptr(), y.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
+                             float(eps), int(act), stats.data_ptr(), rm.data_ptr(), rv.data_ptr(), float(momentum),
+                             _threads()):
+        raise MemoryError(f"{NS}::bn_act_forward: out of memory for its scratch")
+    return y, stats, rm, rv
+
+
+def bn_act_forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
+    _, c, _, _ = ops.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
+    return _new(x, tuple(x.shape), nhwc=True), x.new_empty(3, c), torch.empty_like(running_mean), \
+        torch.empty_like(running_var)
+
+
+def _bn_act_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, _, _, _, _, act = inputs
+    _, stats, rm, rv = output
+    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.act = act
+    ctx.mark_non_differentiable(stats, rm, rv)
+
+
+def _bn_act_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - gradients of stats and running stats: none
+    x, weight, bias, stats = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    gx, gw, gb = torch.ops.mobileyolo.bn_act_backward(x, _nhwc(gy), weight, bias, stats, ctx.act, need_x)
+    return gx if need_x else None, gw, gb, None, None, None, None, None
+
+
+@_cpu_only
+def bn_act_backward(x, grad_y, weight, bias, stats, act, input_grad):  # noqa: ANN001, ANN201
+    n, c, h, w = ops.check_bn_act_backward(x, grad_y, weight, bias, stats, act)
+    gx = _new(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
+    gw, gb = torch.empty_like(weight), torch.empty_like(bias)
+    mean, invstd = stats.data_ptr(), stats[2].data_ptr()
+    if _lib().bn_act_backward(x.data_ptr(), grad_y.data_ptr(), gx.data_ptr() if input_grad else None, n * h * w, c,
+                              weight.data_ptr(), bias.data_ptr(), mean, invstd, int(act), gw.data_ptr(),
+                              gb.data_ptr(), _threads()):
+        raise MemoryError(f"{NS}::bn_act_backward: out of memory for its scratch")
+    return gx, gw, gb
+
+
+def bn_act_backward_fake(x, grad_y, weight, bias, stats, act, input_grad):  # noqa: ANN001, ANN201
+    ops.check_bn_act_backward(x, grad_y, weight, bias, stats, act)
+    gx = _new(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
+    return gx, torch.empty_like(weight), torch.empty_like(bias)
+
+
+# ---- depthwise conv with our weight gradient
+
+@_cpu_only
+def dw_weight_grad(x, grad_out, kernel, stride, padding):  # noqa: ANN001, ANN201
+    n, c, h, w = ops.check_dw_weight_grad(x, grad_out, kernel, stride, padding)
+    nt = _threads()
+    gw, scratch = x.new_empty(c, 1, kernel, kernel), x.new_empty(nt * kernel * kernel * c)
+    _lib().dw_weight_grad(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w, grad_out.shape[2],
+                          grad_out.shape[3], kernel, stride, padding, scratch.data_ptr(), nt)
+    return gw
+
+
+def dw_weight_grad_fake(x, grad_out, kernel, stride, padding):  # noqa: ANN001, ANN201
+    _, c, _, _ = ops.check_dw_weight_grad(x, grad_out, kernel, stride, padding)
+    return x.new_empty(c, 1, kernel, kernel)
+
+
+@_cpu_only
+def dw_conv2d(x, weight, stride, padding):  # noqa: ANN001, ANN201
+    ops.check_dw_conv2d(x, weight, stride, padding)
+    return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+
+
+def dw_conv2d_fake(x, weight, stride, padding):  # noqa: ANN001, ANN201
+    return _new(x, ops.check_dw_conv2d(x, weight, stride, padding), nhwc=True)
+
+
+def _dw_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _dw_conv2d_grad(ctx, g):  # noqa: ANN001, ANN202
+    x, w = ctx.saved_tensors
+    s, p, c = ctx.stride, ctx.padding, x.shape[1]
+    g = _nhwc(g)
+    gx = gw = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], c,
+                                                 [True, False, False])[0]
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.mobileyolo.dw_weight_grad(x, g, w.shape[-1], s, p)
+    return gx, gw, None, None
+
+
+# ---- squeeze-excite
+
+@_cpu_only
+def se_forward(x, w1, b1, w2, b2):  # noqa: ANN001, ANN201
+    ops.check_se_forward(x, w1, b1, w2, b2)
+    pooled = x.mean((2, 3))
+    gate = ops.se_gate(pooled, w1, b1, w2, b2)
+    return x * gate[:, :, None, None], pooled, gate
+
+
+def se_forward_fake(x, w1, b1, w2, b2):  # noqa: ANN001, ANN201
+    n, c, _, _ = ops.check_se_forward(x, w1, b1, w2, b2)
+    return _new(x, tuple(x.shape), nhwc=True), x.new_empty(n, c), x.new_empty(n, c)
+
+
+def _se_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, w1, b1, w2, b2 = inputs
+    _, pooled, gate = output
+    ctx.save_for_backward(x, pooled, gate, w1, b1, w2, b2)
+    ctx.mark_non_differentiable(pooled, gate)
+
+
+def _se_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - backward in two passes over x instead of six
+    x, pooled, gate, *ws = ctx.saved_tensors
+    gy = _nhwc(gy)
+    g_gate = torch.ops.mobileyolo.se_gate_grad(x, gy)
+    grads = ops.se_gate_backward(g_gate, pooled, *ws)
+    g_pool = (grads[0] / (x.shape[2] * x.shape[3])).contiguous()
+    gx = torch.ops.mobileyolo.se_input_grad(gy, gate.contiguous(), g_pool)
+    return (gx, *grads[1:])
+
+
+@_cpu_only
+def se_gate_grad(x, grad_y):  # noqa: ANN001, ANN201
+    n, c, h, w = ops.check_se_gate_grad(x, grad_y)
+    gs = x.new_empty(n, c)
+    _lib().se_gate_grad(x.data_ptr(), grad_y.data_ptr(), gs.data_ptr(), n, h * w, c, _threads())
+    return gs
+
+
+def se_gate_grad_fake(x, grad_y):  # noqa: ANN001, ANN201
+    n, c, _, _ = ops.check_se_gate_grad(x, grad_y)
+    return x.new_empty(n, c)
+
+
+@_cpu_only
+def se_input_grad(grad_y, gate, grad_pool):  # noqa: ANN001, ANN201
+    n, c, h, w = ops.check_se_input_grad(grad_y, gate, grad_pool)
+    gx = _new(grad_y, tuple(grad_y.shape), nhwc=True)
+    _lib().se_input_grad(grad_y.data_ptr(), gate.data_ptr(), grad_pool.data_ptr(), gx.data_ptr(), n, h * w, c,
+                         _threads())
+    return gx
+
+
+def se_input_grad_fake(grad_y, gate, grad_pool):  # noqa: ANN001, ANN201
+    ops.check_se_input_grad(grad_y, gate, grad_pool)
+    return _new(grad_y, tuple(grad_y.shape), nhwc=True)
+
+
+# name: (schema, implementation, fake, (backward, setup_context) or None)
+SPECS = {
+    "bn_act_forward": ("(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+                       "float momentum, float eps, int act) -> (Tensor, Tensor, Tensor, Tensor)",
+                       bn_act_forward, bn_act_forward_fake, (_bn_act_grad, _bn_act_setup)),
+    "bn_act_backward": ("(Tensor x, Tensor grad_y, Tensor weight, Tensor bias, Tensor stats, int act, "
+                        "bool input_grad) -> (Tensor, Tensor, Tensor)", bn_act_backward, bn_act_backward_fake, None),
+    "dw_weight_grad": ("(Tensor x, Tensor grad_out, int kernel, int stride, int padding) -> Tensor",
+                       dw_weight_grad, dw_weight_grad_fake, None),
+    "dw_conv2d": ("(Tensor x, Tensor weight, int stride, int padding) -> Tensor", dw_conv2d, dw_conv2d_fake,
+                  (_dw_conv2d_grad, _dw_conv2d_setup)),
+    "se_forward": ("(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor)",
+                   se_forward, se_forward_fake, (_se_grad, _se_setup)),
+    "se_gate_grad": ("(Tensor x, Tensor grad_y) -> Tensor", se_gate_grad, se_gate_grad_fake, None),
+    "se_input_grad": ("(Tensor grad_y, Tensor gate, Tensor grad_pool) -> Tensor", se_input_grad, se_input_grad_fake,
+                      None),
+}
+
+
+def define_all() -> None:
+    """Define every op of SPECS that this process does not have yet (CPU kernel, fake, autograd)."""
+    for name, (schema, impl, fake, grad) in SPECS.items():
+        if name in _DEFS or hasattr(getattr(torch.ops, NS), name):
+            continue
+        op = torch.library.custom_op(f"{NS}::{name}", impl, mutates_args=(), device_types="cpu", schema=schema)
+        op.register_fake(fake)
+        if grad is not None:
+            op.register_autograd(grad[0], setup_context=grad[1])
+        _DEFS[name] = op

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.accel import accelerate
 from utils.core.devices import device_memory_str, select_device
 from utils.core.errors import FlagError, cli_main
 from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
@@ -116,8 +117,6 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
         raise FlagError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {gs}")
     # the one place the CPU training kernels enter the model (utils/accel/swap.py): eligible blocks get a
     # forward on the mobileyolo:: ops in train mode; copies (EMA), checkpoints and eval stay plain PyTorch
-    from utils.accel.swap import accelerate
-
     accelerate(model, enabled=cfg.accel, log=print if info.is_main else (lambda line: None))
     train_loader, train_ds, val_loader = build_loaders(cfg, data, hyp, gs, info)
     save_dir = _make_save_dir(cfg, info)  # only now: bad input (an unusable dataset too) leaves no empty run folder

@@ -228,13 +228,15 @@ def run(cfgs: list[str | Path] | None = None, sizes: tuple[int, ...] | list[int]
     from utils.infer.runtime import MALLOC_SETTINGS, apply_policy
 
     t0 = time.time()
+    if not malloc_tune:  # nothing in this process or its subprocesses (a script's main()) may apply them then
+        os.environ["MOBILEYOLO_MALLOC_TUNE"] = "0"
+    # what detect.py's main() does before its first frame; before the environment below, which tune_malloc
+    # would take as the user's own settings (glibc reads them only at start-up) and leave this process untuned
+    apply_policy(threads, malloc=malloc_tune)
+    torch.set_num_threads(threads)  # under the policy's off switch too: the figures are for `threads` threads
     if malloc_tune:
         for k, v in MALLOC_SETTINGS.items():  # the training subprocesses inherit these
             os.environ.setdefault(k, str(v))
-    else:  # nothing in this process or its subprocesses (a script's main()) may apply them then
-        os.environ["MOBILEYOLO_MALLOC_TUNE"] = "0"
-    apply_policy(threads, malloc=malloc_tune)  # what detect.py's main() does before its first frame
-    torch.set_num_threads(threads)  # under the policy's off switch too: the figures are for `threads` threads
     cfgs = [Path(c) for c in (cfgs or detector_yamls())]
     sizes = sorted({int(s) for s in sizes})
     rep = Report(describe(), sizes, runs, threads)

@@ -156,7 +156,7 @@ def test_registration_is_lazy_and_once_from_two_threads():
     that register (and load) at once both find the ops, defined once."""
     code = textwrap.dedent("""
         import threading, torch
-        import utils.accel, utils.accel.ops as ops, utils.accel.op_impls as impls
+        import utils.accel, utils.accel.ops as ops, utils.accel.op_impls as impls, utils.accel.checks
         import utils.accel.swap, utils.accel.train_kernels, utils.accel.native as native
         assert not hasattr(torch.ops.mobileyolo, "bn_act_forward") and not ops.is_registered()
         assert native._STATE == {}, native._STATE

@@ -243,7 +243,11 @@ def test_error_from_a_dataloader_worker_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"not an image")
 
     def main(argv):
-        list(torch.utils.data.DataLoader(_Unreadable(bad), num_workers=1))
+        loader = iter(torch.utils.data.DataLoader(_Unreadable(bad), num_workers=1))
+        try:
+            next(loader)
+        finally:
+            loader._shutdown_workers()  # now, not when the next test collects it (a 5 s join)
 
     assert cli_main("train.py", main) == 2
     err = capsys.readouterr().err

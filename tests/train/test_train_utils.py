@@ -1,30 +1,20 @@
-"""Small training utilities: device strings, dist env, TrainConfig + YAML, results.csv/png and tables."""
+"""Small training utilities: dist env, TrainConfig + YAML, results.csv/png and tables."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from utils.core.devices import device_memory_str, parse_device, select_device
-from utils.train.dist import DistInfo, broadcast_flag, dist_from_env, seed_everything
-from utils.train.results import (RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results,
-                           read_results, truncate_results)
 from utils.train.config import TrainConfig, read_yaml, write_yaml
-
-
-def test_parse_and_select_device():
-    assert parse_device("cpu") == ("cpu", [])
-    assert parse_device("0,1") == ("cuda", [0, 1])
-    assert parse_device("cuda:1") == ("cuda", [1])
-    assert parse_device("") == ("auto", [])
-    assert select_device("cpu") == torch.device("cpu")
-    for bad in ("gpu", "0,,x", "1,1", "-1"):
-        with pytest.raises(ValueError, match="--device"):
-            parse_device(bad)
-    if not torch.cuda.is_available():
-        assert select_device("") == torch.device("cpu")
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            select_device("0")
-    assert device_memory_str(torch.device("cpu")) == "-"
+from utils.train.dist import DistInfo, broadcast_flag, dist_from_env, seed_everything
+from utils.train.results import (
+    RESULT_COLUMNS,
+    append_results,
+    epoch_desc,
+    epoch_header,
+    plot_results,
+    read_results,
+    truncate_results,
+)
 
 
 def test_dist_env_and_single_process_helpers():

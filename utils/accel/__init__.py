@@ -3,21 +3,13 @@
     from utils.accel import accelerate
     n = accelerate(model)            # after building the model; 0 when off or unavailable
 
-Modules: `native` (build, cache and load the C library), `ops` (the `mobileyolo::` custom ops and their
-input checks), `op_impls` (their implementations), `train_kernels` (when a module may use them),
-`swap` (`accelerate`, `decelerate`, `is_accelerated`). Importing this package loads nothing and
-registers nothing; `accelerate` and friends are imported on first attribute access.
+Modules: `native` (build, cache and load the C library), `ops` (the `mobileyolo::` custom ops: contracts
+and `register()`), `checks` (their input checks), `op_impls` (their implementations), `train_kernels`
+(when a module may use them), `swap` (`accelerate`, `decelerate`, `is_accelerated`). Importing any of
+them builds, loads and registers nothing: `accelerate()` (or `ops.register()`) does, on first use.
 """
 from __future__ import annotations
 
-from typing import Any
+from utils.accel.swap import accelerate, decelerate, is_accelerated
 
 __all__ = ["accelerate", "decelerate", "is_accelerated"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from utils.accel import swap as _mod
-
-        return getattr(_mod, name)
-    raise AttributeError(f"module 'utils.accel' has no attribute {name!r}")

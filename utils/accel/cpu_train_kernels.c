@@ -12,7 +12,7 @@
  *
  * These functions trust their arguments (sizes, strides, pointers): they are called only through the
  * mobileyolo:: ops (utils/accel/op_impls.py), which check every tensor first, including a channel cap
- * (ops.MAX_CHANNELS) that keeps the per-channel arrays below on the stack small.
+ * (checks.MAX_CHANNELS) that keeps the per-channel arrays below on the stack small.
  */
 #include <math.h>
 #include <stdlib.h>

@@ -1,47 +1,39 @@
 """Implementations behind the `mobileyolo::` custom ops (contracts: utils/accel/ops.py).
 
 Only `ops.register()` calls `define_all()`, once: importing this module registers nothing. Each CPU
-implementation runs its `ops.check_*` before touching a pointer; each fake (meta) implementation runs
-the same check and only allocates the outputs.
+implementation runs its `checks.check_*` (CPU tensors only) before touching a pointer, also when called
+directly rather than through the dispatcher; each fake implementation runs the same check (meta
+tensors allowed) and only allocates the outputs.
 """
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.accel import ops
-from utils.accel.ops import NS, _lib, _new, _nhwc
+from utils.accel import checks, native
+from utils.accel.checks import NS, as_nhwc, new_like
 
 _DEFS: dict[str, object] = {}  # name -> CustomOpDef: kept alive for the process
+
+
+def _lib():  # noqa: ANN202 - the ctypes library
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"{NS} ops: the CPU training kernels library is unavailable: "
+                           f"{native.unavailable_reason()}")
+    return lib
 
 
 def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _cpu_only(fn: Callable) -> Callable:
-    """The real implementations run C on every tensor argument's memory: CPU tensors only. The checks
-    also pass meta tensors (for the fakes), so a direct call with one is refused here."""
-    @functools.wraps(fn)
-    def run(*args: Any) -> Any:
-        for i, a in enumerate(args):
-            if isinstance(a, Tensor) and a.device.type != "cpu":
-                raise ValueError(f"{NS}::{fn.__name__}: argument {i} must be on the CPU, got {a.device}")
-        return fn(*args)
-    return run
-
-
 # ---- BatchNorm (batch statistics) + activation
 
-@_cpu_only
 def bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
-    n, c, h, w = ops.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
-    y, stats = _new(x, tuple(x.shape), nhwc=True), x.new_empty(3, c)
+    n, c, h, w = checks.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
+    y, stats = new_like(x, tuple(x.shape), nhwc=True), x.new_empty(3, c)
     rm, rv = running_mean.clone(), running_var.clone()  # functional: the C call updates these copies
     if _lib().bn_act_forward(x.data_ptr(), y.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
                              float(eps), int(act), stats.data_ptr(), rm.data_ptr(), rv.data_ptr(), float(momentum),
@@ -51,8 +43,8 @@ def bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, ac
 
 
 def bn_act_forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
-    _, c, _, _ = ops.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
-    return _new(x, tuple(x.shape), nhwc=True), x.new_empty(3, c), torch.empty_like(running_mean), \
+    _, c, _, _ = checks.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act, fake=True)
+    return new_like(x, tuple(x.shape), nhwc=True), x.new_empty(3, c), torch.empty_like(running_mean), \
         torch.empty_like(running_var)
 
 
@@ -67,14 +59,13 @@ def _bn_act_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _bn_act_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - gradients of stats and running stats: none
     x, weight, bias, stats = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
-    gx, gw, gb = torch.ops.mobileyolo.bn_act_backward(x, _nhwc(gy), weight, bias, stats, ctx.act, need_x)
+    gx, gw, gb = torch.ops.mobileyolo.bn_act_backward(x, as_nhwc(gy), weight, bias, stats, ctx.act, need_x)
     return gx if need_x else None, gw, gb, None, None, None, None, None
 
 
-@_cpu_only
 def bn_act_backward(x, grad_y, weight, bias, stats, act, input_grad):  # noqa: ANN001, ANN201
-    n, c, h, w = ops.check_bn_act_backward(x, grad_y, weight, bias, stats, act)
-    gx = _new(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
+    n, c, h, w = checks.check_bn_act_backward(x, grad_y, weight, bias, stats, act)
+    gx = new_like(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
     gw, gb = torch.empty_like(weight), torch.empty_like(bias)
     mean, invstd = stats.data_ptr(), stats[2].data_ptr()
     if _lib().bn_act_backward(x.data_ptr(), grad_y.data_ptr(), gx.data_ptr() if input_grad else None, n * h * w, c,
@@ -85,16 +76,15 @@ def bn_act_backward(x, grad_y, weight, bias, stats, act, input_grad):  # noqa: A
 
 
 def bn_act_backward_fake(x, grad_y, weight, bias, stats, act, input_grad):  # noqa: ANN001, ANN201
-    ops.check_bn_act_backward(x, grad_y, weight, bias, stats, act)
-    gx = _new(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
+    checks.check_bn_act_backward(x, grad_y, weight, bias, stats, act, fake=True)
+    gx = new_like(x, tuple(x.shape), nhwc=True) if input_grad else x.new_empty(0)
     return gx, torch.empty_like(weight), torch.empty_like(bias)
 
 
 # ---- depthwise conv with our weight gradient
 
-@_cpu_only
 def dw_weight_grad(x, grad_out, kernel, stride, padding):  # noqa: ANN001, ANN201
-    n, c, h, w = ops.check_dw_weight_grad(x, grad_out, kernel, stride, padding)
+    n, c, h, w = checks.check_dw_weight_grad(x, grad_out, kernel, stride, padding)
     nt = _threads()
     gw, scratch = x.new_empty(c, 1, kernel, kernel), x.new_empty(nt * kernel * kernel * c)
     _lib().dw_weight_grad(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w, grad_out.shape[2],
@@ -103,18 +93,17 @@ def dw_weight_grad(x, grad_out, kernel, stride, padding):  # noqa: ANN001, ANN20
 
 
 def dw_weight_grad_fake(x, grad_out, kernel, stride, padding):  # noqa: ANN001, ANN201
-    _, c, _, _ = ops.check_dw_weight_grad(x, grad_out, kernel, stride, padding)
+    _, c, _, _ = checks.check_dw_weight_grad(x, grad_out, kernel, stride, padding, fake=True)
     return x.new_empty(c, 1, kernel, kernel)
 
 
-@_cpu_only
 def dw_conv2d(x, weight, stride, padding):  # noqa: ANN001, ANN201
-    ops.check_dw_conv2d(x, weight, stride, padding)
+    checks.check_dw_conv2d(x, weight, stride, padding)
     return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
 
 
 def dw_conv2d_fake(x, weight, stride, padding):  # noqa: ANN001, ANN201
-    return _new(x, ops.check_dw_conv2d(x, weight, stride, padding), nhwc=True)
+    return new_like(x, checks.check_dw_conv2d(x, weight, stride, padding, fake=True), nhwc=True)
 
 
 def _dw_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -126,7 +115,7 @@ def _dw_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _dw_conv2d_grad(ctx, g):  # noqa: ANN001, ANN202
     x, w = ctx.saved_tensors
     s, p, c = ctx.stride, ctx.padding, x.shape[1]
-    g = _nhwc(g)
+    g = as_nhwc(g)
     gx = gw = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], c,
@@ -138,17 +127,37 @@ def _dw_conv2d_grad(ctx, g):  # noqa: ANN001, ANN202
 
 # ---- squeeze-excite
 
-@_cpu_only
+def se_gate(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """[N, C] -> [N, C]: SELayer's gate on the pooled input (the 1x1 convs as matrix products)."""
+    h = F.relu(F.linear(pooled, w1.flatten(1), b1))
+    return F.hardsigmoid(F.linear(h, w2.flatten(1), b2))
+
+
+def se_gate_backward(g_gate: Tensor, pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                     b2: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of `se_gate` for (pooled, w1, b1, w2, b2) given g_gate [N, C], as autograd's, by hand.
+
+    By hand because a nested `torch.autograd.grad` over this [N, C]-sized MLP cost more than the
+    layer's own work on small maps. The two linears are re-run for their inputs.
+    """
+    w1m, w2m = w1.flatten(1), w2.flatten(1)
+    h = F.linear(pooled, w1m, b1).clamp_min_(0)
+    a2 = F.linear(h, w2m, b2)
+    g_a2 = g_gate * ((a2 > -3) & (a2 < 3)) / 6  # hardsigmoid's slope, zero at and beyond +-3 as in torch
+    g_h = (g_a2 @ w2m) * (h > 0)
+    return (g_h @ w1m, (g_h.t() @ pooled).view_as(w1), g_h.sum(0), (g_a2.t() @ h).view_as(w2), g_a2.sum(0))
+
+
 def se_forward(x, w1, b1, w2, b2):  # noqa: ANN001, ANN201
-    ops.check_se_forward(x, w1, b1, w2, b2)
+    checks.check_se_forward(x, w1, b1, w2, b2)
     pooled = x.mean((2, 3))
-    gate = ops.se_gate(pooled, w1, b1, w2, b2)
+    gate = se_gate(pooled, w1, b1, w2, b2)
     return x * gate[:, :, None, None], pooled, gate
 
 
 def se_forward_fake(x, w1, b1, w2, b2):  # noqa: ANN001, ANN201
-    n, c, _, _ = ops.check_se_forward(x, w1, b1, w2, b2)
-    return _new(x, tuple(x.shape), nhwc=True), x.new_empty(n, c), x.new_empty(n, c)
+    n, c, _, _ = checks.check_se_forward(x, w1, b1, w2, b2, fake=True)
+    return new_like(x, tuple(x.shape), nhwc=True), x.new_empty(n, c), x.new_empty(n, c)
 
 
 def _se_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -160,39 +169,37 @@ def _se_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _se_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - backward in two passes over x instead of six
     x, pooled, gate, *ws = ctx.saved_tensors
-    gy = _nhwc(gy)
+    gy = as_nhwc(gy)
     g_gate = torch.ops.mobileyolo.se_gate_grad(x, gy)
-    grads = ops.se_gate_backward(g_gate, pooled, *ws)
+    grads = se_gate_backward(g_gate, pooled, *ws)
     g_pool = (grads[0] / (x.shape[2] * x.shape[3])).contiguous()
     gx = torch.ops.mobileyolo.se_input_grad(gy, gate.contiguous(), g_pool)
     return (gx, *grads[1:])
 
 
-@_cpu_only
 def se_gate_grad(x, grad_y):  # noqa: ANN001, ANN201
-    n, c, h, w = ops.check_se_gate_grad(x, grad_y)
+    n, c, h, w = checks.check_se_gate_grad(x, grad_y)
     gs = x.new_empty(n, c)
     _lib().se_gate_grad(x.data_ptr(), grad_y.data_ptr(), gs.data_ptr(), n, h * w, c, _threads())
     return gs
 
 
 def se_gate_grad_fake(x, grad_y):  # noqa: ANN001, ANN201
-    n, c, _, _ = ops.check_se_gate_grad(x, grad_y)
+    n, c, _, _ = checks.check_se_gate_grad(x, grad_y, fake=True)
     return x.new_empty(n, c)
 
 
-@_cpu_only
 def se_input_grad(grad_y, gate, grad_pool):  # noqa: ANN001, ANN201
-    n, c, h, w = ops.check_se_input_grad(grad_y, gate, grad_pool)
-    gx = _new(grad_y, tuple(grad_y.shape), nhwc=True)
+    n, c, h, w = checks.check_se_input_grad(grad_y, gate, grad_pool)
+    gx = new_like(grad_y, tuple(grad_y.shape), nhwc=True)
     _lib().se_input_grad(grad_y.data_ptr(), gate.data_ptr(), grad_pool.data_ptr(), gx.data_ptr(), n, h * w, c,
                          _threads())
     return gx
 
 
 def se_input_grad_fake(grad_y, gate, grad_pool):  # noqa: ANN001, ANN201
-    ops.check_se_input_grad(grad_y, gate, grad_pool)
-    return _new(grad_y, tuple(grad_y.shape), nhwc=True)
+    checks.check_se_input_grad(grad_y, gate, grad_pool, fake=True)
+    return new_like(grad_y, tuple(grad_y.shape), nhwc=True)
 
 
 # name: (schema, implementation, fake, (backward, setup_context) or None)

@@ -63,6 +63,7 @@ def shapes_of(model: nn.Module, imgsz: int, batch: int) -> dict[str, list]:
 def op_rows(shapes: dict[str, list], top: int = 4) -> list[tuple[str, str, float, float]]:
     """(op, shape, PyTorch ms, ours ms) rows; the ops must be registered (`utils.accel.ops.register`)."""
     from models.mobilenetv3 import SELayer
+    from utils.accel.ops import grad_op
     from utils.accel.train_kernels import ACT_CODES
 
     rows = []
@@ -87,7 +88,7 @@ def op_rows(shapes: dict[str, list], top: int = 4) -> list[tuple[str, str, float
         gy = torch.randn(shape).contiguous(memory_format=CL)
         rows.append((f"BatchNorm + {act.__name__} fwd+bwd", str(list(shape)),
                      _ms(lambda: a(bn(x)).backward(gy)),
-                     _ms(lambda: mo.bn_act_forward(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1,
+                     _ms(lambda: grad_op("bn_act_forward")(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1,
                                                    1e-3, ACT_CODES[act])[0].backward(gy))))
     for shape in sorted(shapes["se"], key=lambda sh: -torch.Size(sh).numel())[:top]:
         se = SELayer(shape[1]).train()
@@ -95,7 +96,7 @@ def op_rows(shapes: dict[str, list], top: int = 4) -> list[tuple[str, str, float
         gy = torch.randn(shape).contiguous(memory_format=CL)
         args = (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
         rows.append(("squeeze-excite fwd+bwd", str(list(shape)), _ms(lambda: _torch_se(se, x, gy)),
-                     _ms(lambda: mo.se_forward(x, *args)[0].backward(gy))))
+                     _ms(lambda: grad_op("se_forward")(x, *args)[0].backward(gy))))
     return rows
 
 

@@ -131,9 +131,9 @@ def test_every_op_shows_in_the_profiler():
     se = [torch.randn(8, 8, 1, 1, requires_grad=True), torch.randn(8, requires_grad=True),
           torch.randn(8, 8, 1, 1, requires_grad=True), torch.randn(8, requires_grad=True)]
     with torch.profiler.profile() as prof:
-        y = torch.ops.mobileyolo.dw_conv2d(x, w, 1, 2)
-        y = torch.ops.mobileyolo.bn_act_forward(y, *bn)[0]
-        torch.ops.mobileyolo.se_forward(y, *se)[0].square().sum().backward()
+        y = ops.grad_op("dw_conv2d")(x, w, 1, 2)
+        y = ops.grad_op("bn_act_forward")(y, *bn)[0]
+        ops.grad_op("se_forward")(y, *se)[0].square().sum().backward()
     seen = {e.key for e in prof.key_averages()}
     assert {f"mobileyolo::{n}" for n in op_impls.SPECS} <= seen, sorted(k for k in seen if "mobileyolo" in k)
 

@@ -12,7 +12,9 @@ Kernel ops, one C call each:
         -> grad_weight [C, 1, k, k] of a depthwise conv (zero padding, dilation 1)
     se_gate_grad(x NHWC, grad_y NHWC same shape) -> [N, C]: sum over H, W of grad_y * x
     se_input_grad(grad_y NHWC, gate [N, C], grad_pool [N, C]) -> grad_y * gate + grad_pool, NHWC
-Differentiable ops (backward registered with `torch.library.register_autograd`):
+Differentiable ops (call them through `grad_op(name)`, an autograd.Function around the op whose
+backward uses the kernel ops; the op itself has no autograd formula, so calling it directly on tensors
+that require grad gives outputs autograd cannot differentiate):
     bn_act_forward(x NHWC, weight, bias, running_mean, running_var, momentum, eps, act)
         -> (y NHWC, stats [3, C] = batch mean, biased var, invstd; new running_mean; new running_var)
         y = act(BatchNorm(x)) with batch statistics. Functional: the running statistics come back as
@@ -39,7 +41,7 @@ import threading
 from utils.accel import op_impls
 from utils.accel.checks import MAX_CHANNELS, NS
 
-__all__ = ["MAX_CHANNELS", "NS", "is_registered", "register"]
+__all__ = ["MAX_CHANNELS", "NS", "grad_op", "is_registered", "register"]
 _LOCK = threading.Lock()
 _REGISTERED: list[bool] = []  # non-empty once register() has run in this process
 
@@ -58,3 +60,9 @@ def register() -> None:
 def is_registered() -> bool:
     """Whether `register()` has run in this process."""
     return bool(_REGISTERED)
+
+
+def grad_op(name: str):  # noqa: ANN201 - Callable[..., Tensor | tuple[Tensor, ...]]
+    """The differentiable form of op `name` (bn_act_forward, dw_conv2d, se_forward); registers the ops first."""
+    register()
+    return op_impls.GRAD[name]

@@ -86,7 +86,7 @@ def squeeze_excite(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     params = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in params):
         return None
-    return torch.ops.mobileyolo.se_forward(x, *params)[0]
+    return ops.grad_op("se_forward")(x, *params)[0]
 
 
 def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -101,14 +101,14 @@ def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     w = conv.weight
     if (plain_depthwise(conv) and conv.kernel_size[0] >= DW_MIN_K and w.requires_grad and w.dtype == torch.float32
             and w.is_contiguous()):
-        y = torch.ops.mobileyolo.dw_conv2d(x, w, conv.stride[0], conv.padding[0])
+        y = ops.grad_op("dw_conv2d")(x, w, conv.stride[0], conv.padding[0])
     else:
         y = conv(x)
     if (type(act) not in ACT_CODES or not y.is_contiguous(memory_format=CL)
             or y.shape[0] * y.shape[2] * y.shape[3] < 2):
         return act(bn(y))  # odd layout, or one value per channel (BatchNorm's own error is the right one)
-    out, _, mean, var = torch.ops.mobileyolo.bn_act_forward(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                            float(bn.momentum), float(bn.eps), ACT_CODES[type(act)])
+    out, _, mean, var = ops.grad_op("bn_act_forward")(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                      float(bn.momentum), float(bn.eps), ACT_CODES[type(act)])
     with torch.no_grad():
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)

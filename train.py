@@ -25,17 +25,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.checkpoint import model_from_checkpoint, save_checkpoint
 from utils.accel import accelerate
 from utils.core.devices import device_memory_str, select_device
 from utils.core.errors import FlagError, cli_main
-from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
-                        seed_everything)
+from utils.core.paths import increment_path
+from utils.data import check_dataset
+from utils.data.plots import plot_labels, plot_train_batch
 from utils.eval.evaluator import evaluate
-from utils.train.ema import ModelEMA, de_parallel
-from utils.train.optim import BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda, \
-    scaled_weight_decay, set_bn_momentum, warmup_iters
-from utils.train.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
+from utils.eval.metrics import Metrics
+from utils.train.autoanchor import autoanchor
 from utils.train.config import DEFAULT_EPOCHS, TrainConfig, write_yaml
+from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
+                              seed_everything)
+from utils.train.ema import ModelEMA, de_parallel
+from utils.train.loss import ComputeLoss
+from utils.train.optim import (BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda,
+                               scaled_weight_decay, set_bn_momentum, warmup_iters)
+from utils.train.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
+from utils.train.setup import (build_loaders, build_model, make_checkpoint, prepare_hyp, repo_path, resolve_resume,
+                               strip_optimizer)
 
 Callbacks = dict[str, Callable[..., None]]
 GRAD_CLIP = 10.0  # max gradient norm; guards the first noisy steps against blow-ups
@@ -86,7 +95,6 @@ class Run:
 
 def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
     """The run folder (rank 0 only): the checkpoint's on resume, else the next free `project/name`."""
-    from utils.core.paths import increment_path
 
     if not info.is_main:
         return None
@@ -98,10 +106,6 @@ def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
 
 def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
     """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
-    from utils.train.autoanchor import autoanchor
-    from utils.data import check_dataset
-    from utils.train.loss import ComputeLoss
-    from utils.train.setup import build_loaders, build_model, prepare_hyp, repo_path, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg)
     seed_everything(cfg.seed, info.rank)
@@ -213,9 +217,6 @@ def validate(r: Run, model: nn.Module, plots: bool = False, verbose: bool = Fals
 
 def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
     """Validate (unless --noval), write the results row and checkpoints; return the early-stop decision."""
-    from models.checkpoint import save_checkpoint
-    from utils.eval.metrics import Metrics
-    from utils.train.setup import make_checkpoint
 
     final = epoch + 1 == r.cfg.epochs
     metrics = validate(r, r.ema.ema) if (not r.cfg.noval or final) else Metrics()
@@ -248,8 +249,6 @@ def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool
 
 def finish(r: Run, last_epoch: int, t0: float) -> Any:
     """Plot results, strip optimizers, validate best.pt with plots, and print where everything went."""
-    from models.checkpoint import model_from_checkpoint
-    from utils.train.setup import strip_optimizer
 
     n_done = last_epoch - r.start_epoch + 1
     print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
@@ -296,14 +295,12 @@ def _start_outputs(r: Run) -> None:
 
 def _plot_labels(r: Run) -> None:
     """labels.jpg: class counts, box centres and sizes of the training labels."""
-    from utils.data.plots import plot_labels
 
     plot_labels(r.train_ds.labels, r.names, r.save_dir)
 
 
 def _plot_batch(r: Run, ni: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str]) -> None:
     """train_batch{ni}.jpg for the first 3 batches of a fresh run: what the augmentation feeds the model."""
-    from utils.data.plots import plot_train_batch
 
     plot_train_batch(imgs, targets, paths, r.save_dir / f"train_batch{ni}.jpg", names=r.names)
 

@@ -7,18 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils.train.optim import (
-    accumulate_steps,
-    apply_warmup,
-    build_optimizer,
-    build_scheduler,
-    freeze_layers,
-    lr_lambda,
-    scaled_weight_decay,
-    set_bn_momentum,
-    split_param_groups,
-    warmup_iters,
-)
+from utils.train.optim import (accumulate_steps, apply_warmup, build_optimizer, build_scheduler, freeze_layers,
+                               lr_lambda, scaled_weight_decay, set_bn_momentum, split_param_groups, warmup_iters)
 
 HYP = {"lr0": 0.01, "lrf": 0.01, "momentum": 0.937, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1}
 

@@ -6,15 +6,8 @@ import torch
 
 from utils.train.config import TrainConfig, read_yaml, write_yaml
 from utils.train.dist import DistInfo, broadcast_flag, dist_from_env, seed_everything
-from utils.train.results import (
-    RESULT_COLUMNS,
-    append_results,
-    epoch_desc,
-    epoch_header,
-    plot_results,
-    read_results,
-    truncate_results,
-)
+from utils.train.results import (RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, read_results,
+                                 truncate_results)
 
 
 def test_dist_env_and_single_process_helpers():

@@ -14,12 +14,7 @@ import torch
 from utils.eval.coco import run_cocoeval, save_coco_json
 from utils.eval.confusion import ConfusionMatrix
 from utils.eval.metrics import Metrics, compute_metrics
-from utils.eval.plots import (
-    plot_conf_curves,
-    plot_confusion_matrix,
-    plot_pr_curve,
-    plot_val_pairs,
-)
+from utils.eval.plots import plot_conf_curves, plot_confusion_matrix, plot_pr_curve, plot_val_pairs
 from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.ops.decode import decode
 from utils.ops.nms import non_max_suppression

@@ -10,10 +10,15 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.pretrained import load_torchvision_backbone
 from models.registry import ModelConfigError
+from models.yolo import Model
 from utils.core.errors import FlagError, MissingFileError
+from utils.data import create_dataloader, load_hyp
 from utils.train.config import TrainConfig
-
+from utils.train.dist import main_process_first
+from utils.train.ema import de_parallel
+from utils.train.optim import freeze_layers
 
 ROOT = Path(__file__).resolve().parents[2]  # repository root
 
@@ -63,7 +68,6 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
 def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
     """Hyper-parameters: the checkpoint's on resume, else the hyp file/dict, then `hyp_overrides` and
     `--label-smoothing` (when > 0) on top."""
-    from utils.data import load_hyp  # local: the data package pulls in OpenCV
 
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
         return dict(ckpt["hyp"])
@@ -79,8 +83,6 @@ def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
 
 def build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: Any) -> tuple[Any, Any, Any]:
     """(train_loader, train_dataset, val_loader or None); the batch is split across ranks."""
-    from utils.data import create_dataloader
-    from utils.train.dist import main_process_first
 
     if cfg.batch_size % info.world_size:
         raise FlagError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
@@ -130,8 +132,6 @@ def transfer_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
 def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, device: torch.device) -> nn.Module:
     """The detector to train, on `device`: from the checkpoint on resume, else from `cfg.cfg` with
     `--weights` or `--backbone-weights` loaded, and the first `--freeze` rows frozen."""
-    from models.yolo import Model  # local: keeps `import utils.train.setup` light
-    from utils.train.optim import freeze_layers
 
     if ckpt is not None:
         model = Model(ckpt["yaml"])
@@ -146,7 +146,6 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
             if n == 0:
                 print(f"WARNING --weights {cfg.weights}: no tensor matched this model; training from scratch")
         if cfg.backbone_weights:
-            from models.pretrained import load_torchvision_backbone
 
             res = load_torchvision_backbone(model, cfg.backbone_weights)
             print(f"--backbone-weights {cfg.backbone_weights}: {res}")
@@ -167,7 +166,6 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
 def make_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer | None, hyp: dict,
                     cfg: TrainConfig, epoch: int, best_fitness: float, best_epoch: int) -> dict[str, Any]:
     """The data-only checkpoint dict of docs/CONTRACTS.md (plus `best_epoch` for early stopping)."""
-    from utils.train.ema import de_parallel
 
     m = de_parallel(model)
     args = cfg.to_dict()

@@ -102,7 +102,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     One numpy pass does the BGR->RGB flip, the float conversion and the scaling; the HWC result is
     then viewed as NCHW (a permute, no copy), i.e. already in the channels_last layout the PyTorch
     backend runs in. numpy rather than torch: torch would run this in its OpenMP pool, whose spinning
-    threads cost 10-30x more than the work on a CPU shared with other processes (benchmarks/run.py).
+    threads cost many times the work on a CPU shared with other processes (benchmarks/run.py).
     """
     rgb = np.divide(img[..., ::-1], np.float32(255), dtype=np.float32)
     return torch.from_numpy(rgb).permute(2, 0, 1)[None]
@@ -292,8 +292,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: physical cores)")
     p.add_argument("--compile", action="store_true",
-                   help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (4-21 s, "
-                        "needs a C++ compiler), then 1.1-1.5x faster frames; later frames are letterboxed to that shape")
+                   help=".pt on the CPU: torch.compile once for the first frame's letterboxed shape (seconds, "
+                        "needs a C++ compiler), then faster frames; later frames are letterboxed to that shape")
     return p.parse_args(argv)
 
 

@@ -82,8 +82,7 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], runs: int, warmup: 
     round by round). The untimed calls measure the steady state a detect.py stream runs in: after
     the other models ran, caches hold their weights and the thread pools they left spinning (libgomp's
     and ONNX Runtime's both spin for a while) still hold the cores. Without them, interleaving all six
-    detectors made MobileNetV3-Small's ONNX Runtime time 0.58x yolov5n's where timing the two alone
-    gave 0.44-0.55x (same process, same minute).
+    detectors skewed the paired ratios against timing two models alone (docs/PERFORMANCE.md).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -148,9 +147,8 @@ def time_all(prepared: list[Prepared], sizes: list[int], runs: int = 30, threads
     torch.compile failed (its 'ptc' figure is then the eager fallback's, and is left out).
     Each round times format by format (every model's pt block, then every ptc, then every onnx), and
     within a format the cfg stems in `adjacent` first, in that order: the blocks whose ratios the
-    caller pairs round by round then run back to back, under the same spell of a shared machine. (Model
-    by model, MobileNetV3-Small's and yolov5n's ONNX Runtime blocks were eight blocks apart, and the
-    paired ratio's IQR spanned 0.45-0.57 in a run whose medians gave 0.50.)
+    caller pairs round by round then run back to back, under the same spell of a shared machine (model
+    by model, the paired blocks were eight blocks apart and the paired ratio's spread was wide).
     """
     from utils.infer.backend import DetectBackend
     from utils.infer.runtime import apply_policy, spin_ok

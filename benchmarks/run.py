@@ -1,4 +1,4 @@
-"""Every figure of every detector YAML in models/, in one markdown report: the README's benchmark table.
+"""Every figure of every detector YAML in models/, in one markdown report (README's model table, docs/PERFORMANCE.md).
 
     python benchmarks/run.py                                  # all detectors, 320 and 640, 30 runs
     python benchmarks/run.py --runs 5 --cfg models/yolov5n.yaml models/mobilenetv3-small-yolo.yaml \\
@@ -24,9 +24,9 @@ subprocesses and decides ONNX Runtime spin-waiting with `runtime.spin_ok`, as de
 `--no-malloc-tune` measures glibc's defaults instead. When the machine is busy at start
 (fewer idle cores than `--threads`; `--omp` to force either way; an OMP_WAIT_POLICY in the environment
 wins) it sets OMP_WAIT_POLICY=PASSIVE before torch loads, so torch's OpenMP threads sleep instead of
-spinning while they wait for each other. With libgomp's default a batch-1 forward pass on 2 threads took
-1.1-1.3 s instead of 13-30 ms on a 2-core machine that other processes also used (load 2-4), which made
-the PyTorch column meaningless and the run hours long; on an idle machine spinning is ~1.2-2x faster.
+spinning while they wait for each other. With libgomp's default, batch-1 passes on a 2-core machine that
+other processes also used took tens of times longer, which made the PyTorch column meaningless and the
+run hours long; on an idle machine spinning is faster (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 

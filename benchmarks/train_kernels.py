@@ -11,7 +11,7 @@ shapes; "ours" is the op as training calls it (input checks and dispatch include
 training steps of the model accelerated (`utils.accel.swap.accelerate`, as train.py) and plain
 (`decelerate`), taken in turn in one process (ratio = median over pairs). Random data; run with
 benchmarks/run.py's malloc settings in the environment to match train.py
-(`utils.infer.backend.MALLOC_SETTINGS`).
+(`utils.infer.runtime.MALLOC_SETTINGS`).
 """
 from __future__ import annotations
 

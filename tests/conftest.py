@@ -10,7 +10,7 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread for the whole suite: the test models are tiny, and on a small or shared machine
-    OpenMP threads spin-waiting on each other made single forward passes ~10x slower (README, Benchmarks).
+    OpenMP threads spin-waiting on each other make single forward passes many times slower.
 
     The scripts' `main()` apply the runtime policy (`utils.infer.runtime.apply_policy`: torch threads, glibc
     allocator); its off switch keeps the suite's process (and its subprocesses) as set here. The tests of the

@@ -7,9 +7,9 @@ its optimized-model dump):
 
 - Squeeze-excite's `x * gate` broadcasts a `[B, C, 1, 1]` gate over `[B, C, H, W]`; ORT's blocked Mul
   needs equal shapes, so every SE block cost two ReorderOutputs, an NCHW Mul and a ReorderInput
-  (9 blocks in MobileNetV3-Small; 21 reorders in its optimized graph, 3 after this pass).
+  (9 blocks in MobileNetV3-Small).
   `static_se` makes the gate full-size with a nearest Resize, which ORT keeps blocked: exactly the
-  same numbers, 4% less latency for MobileNetV3-Small at 320 (7.92 -> 7.60 ms in an A/B).
+  same numbers, less latency (benchmarks/onnx_layout.py; figures in docs/PERFORMANCE.md).
   Only for fixed-size exports: the Resize scale is the map size at export time.
 - `sigmoid_first` moves each head's Sigmoid in front of the head's Reshape/Transpose (an
   elementwise op commutes with both), so ORT fuses it into the head's Conv as an activation instead

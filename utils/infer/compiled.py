@@ -1,15 +1,13 @@
 """CPU inference compiled ahead of the first frame: torch.compile (Inductor, weights frozen, C++ wrapper).
 
 Eager PyTorch pays a fixed cost per op (dispatch, oneDNN primitive setup, a Python module call), and
-for a small batch-1 model that fixed cost is most of the time: MobileNetV3-Small-YOLO at 64 px still
-took 5.4 ms in eager PyTorch against 0.6 ms in ONNX Runtime (README, Benchmarks). Inductor with
+for a small batch-1 model that fixed cost is most of the time (docs/PERFORMANCE.md). Inductor with
 `freezing` folds the weights into constants and pre-packs them for oneDNN, fuses the elementwise ops
 (hard-swish, squeeze-excite's gate, the decode's sigmoid and grid arithmetic) into generated C++ loops,
-and `cpp_wrapper` runs the whole graph from C++ instead of Python. Measured on the 2-core machine (320,
-batch 1, 2 threads, interleaved; benchmarks/run.py): MobileNetV3-Small-YOLO 11.5 -> 7.7 ms, yolov5n
-16.4 -> 12.9 ms.
+and `cpp_wrapper` runs the whole graph from C++ instead of Python (benchmarks/run.py's "PyTorch
+compiled" column).
 
-The price is a compile on first use (4-21 s; Inductor's on-disk cache makes a second process faster)
+The price is a compile on first use (seconds; Inductor's on-disk cache makes a second process faster)
 and one graph per input shape. `CompiledDecoder` therefore compiles for one shape and runs every other
 shape through the eager model, so a stream of same-sized frames never recompiles. Everything degrades
 to eager: no C++ compiler, an Inductor error or a result that disagrees with the eager model logs a

@@ -10,7 +10,7 @@ import yaml
 
 from utils.core.errors import FlagError
 
-DEFAULT_EPOCHS = 40  # `python train.py`: fits in 15 minutes on 2 CPU cores (README has the measured time)
+DEFAULT_EPOCHS = 40  # `python train.py`: fits in 15 minutes on 2 CPU cores (docs/PERFORMANCE.md has the measured time)
 
 
 @dataclass

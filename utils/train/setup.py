@@ -159,7 +159,7 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
     if cfg.freeze:
         frozen = freeze_layers(model, cfg.freeze)
         print(f"Froze the first {cfg.freeze} rows ({len(frozen)} tensors)")
-    # channels_last: MobileNetV3's depthwise convs train ~1.5x faster on CPU in NHWC (measured with benchmarks/train_speed.py)
+    # channels_last: MobileNetV3's depthwise convs train faster on CPU in NHWC (benchmarks/train_speed.py)
     return model.to(device, memory_format=torch.channels_last)
 
 

@@ -146,6 +146,7 @@ class Detector:
 
     Building it validates the weights and the source before any output folder is created.
     """
+
     def __init__(self, opts: DetectOptions) -> None:
         _check_options(opts)
         self.opts = opts
@@ -299,7 +300,6 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: parse, apply the runtime policy once, run. Errors propagate (`cli_main` prints them)."""
-
     opt = parse_opt(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if opt.threads is not None and opt.threads < 1:

@@ -157,7 +157,6 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: parse, apply the runtime policy once, export. Errors propagate (`cli_main` prints them)."""
-
     parser = argparse.ArgumentParser(description="Export a MobileYOLO checkpoint to ONNX / TorchScript.")
     parser.add_argument("--weights", required=True, help="checkpoint (.pt) to export")
     parser.add_argument("--include", nargs="+", default=["onnx", "torchscript"], choices=FORMATS,

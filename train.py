@@ -95,7 +95,6 @@ class Run:
 
 def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
     """The run folder (rank 0 only): the checkpoint's on resume, else the next free `project/name`."""
-
     if not info.is_main:
         return None
     save_dir = Path(cfg.save_dir) if cfg.resume else increment_path(Path(cfg.project) / cfg.name, cfg.exist_ok)
@@ -106,7 +105,6 @@ def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
 
 def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
     """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
-
     cfg, ckpt = resolve_resume(cfg)
     seed_everything(cfg.seed, info.rank)
     hyp = prepare_hyp(cfg, ckpt)
@@ -217,7 +215,6 @@ def validate(r: Run, model: nn.Module, plots: bool = False, verbose: bool = Fals
 
 def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
     """Validate (unless --noval), write the results row and checkpoints; return the early-stop decision."""
-
     final = epoch + 1 == r.cfg.epochs
     metrics = validate(r, r.ema.ema) if (not r.cfg.noval or final) else Metrics()
     fi = metrics.fitness()
@@ -249,7 +246,6 @@ def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool
 
 def finish(r: Run, last_epoch: int, t0: float) -> Any:
     """Plot results, strip optimizers, validate best.pt with plots, and print where everything went."""
-
     n_done = last_epoch - r.start_epoch + 1
     print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
     if (r.save_dir / "results.csv").exists():
@@ -295,13 +291,11 @@ def _start_outputs(r: Run) -> None:
 
 def _plot_labels(r: Run) -> None:
     """labels.jpg: class counts, box centres and sizes of the training labels."""
-
     plot_labels(r.train_ds.labels, r.names, r.save_dir)
 
 
 def _plot_batch(r: Run, ni: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str]) -> None:
     """train_batch{ni}.jpg for the first 3 batches of a fresh run: what the augmentation feeds the model."""
-
     plot_train_batch(imgs, targets, paths, r.save_dir / f"train_batch{ni}.jpg", names=r.names)
 
 

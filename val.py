@@ -25,7 +25,6 @@ from utils.infer.runtime import apply_policy
 
 def _load_model(weights: str | Path, device: torch.device, spin: bool = True):
     """A `DetectBackend` for .pt/.torchscript/.onnx (decoded output), moved to `device` when it is torch."""
-
     backend = DetectBackend(weights, spin=spin)
     if device.type != "cpu":
         if backend.fmt != "pt":
@@ -122,7 +121,6 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Metrics:
     """CLI entry: parse, apply the runtime policy once, validate. Errors propagate (`cli_main` prints them)."""
-
     opt = vars(parse_opt(argv))
     opt["plots"] = not opt.pop("noplots")
     opt["rect"] = False if opt.pop("square") else None

@@ -181,7 +181,6 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
 def _coco_json(preds: list, gts: list, shapes0: list, files: list[str], names: list[str],
                save_dir: Path) -> np.ndarray:
     """Write predictions.json + gt_coco.json and print pycocotools' summary; returns its 12 stats."""
-
     gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, save_dir, files)
     print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")
     return run_cocoeval(gt_json, pred_json, verbose=True)

@@ -65,6 +65,7 @@ class DetectBackend:
     `imgsz`; once compiled, the compiled shape, as others run eager).
     The constructor and calls change no process-wide state and never rewrite the model.
     """
+
     def __init__(self, weights: str | Path, threads: int | None = None, fuse: bool = True,
                  spin: bool = True, compile: bool = False) -> None:
         self.spin = bool(spin)

@@ -83,7 +83,6 @@ def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
 
 def build_loaders(cfg: TrainConfig, data: Any, hyp: dict, gs: int, info: Any) -> tuple[Any, Any, Any]:
     """(train_loader, train_dataset, val_loader or None); the batch is split across ranks."""
-
     if cfg.batch_size % info.world_size:
         raise FlagError(f"--batch-size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
     bs = cfg.batch_size // info.world_size
@@ -166,7 +165,6 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
 def make_checkpoint(model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer | None, hyp: dict,
                     cfg: TrainConfig, epoch: int, best_fitness: float, best_epoch: int) -> dict[str, Any]:
     """The data-only checkpoint dict of docs/CONTRACTS.md (plus `best_epoch` for early stopping)."""
-
     m = de_parallel(model)
     args = cfg.to_dict()
     args["resume"] = False  # a checkpoint's args describe the original run

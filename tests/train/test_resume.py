@@ -149,3 +149,18 @@ def test_resume_bad_checkpoint_is_clear_error(tmp_path):
         train.run(resume=str(sd))
     with pytest.raises(FileNotFoundError, match="no last.pt"):
         train.run(resume=True, project=str(tmp_path / "empty"))
+
+
+def test_resume_keeps_the_runs_args_but_no_accel(tmp_path):
+    """--resume takes the run's own recipe from the checkpoint; --no-accel (how this process runs) still holds."""
+    from models.checkpoint import save_checkpoint
+    from utils.train.config import TrainConfig
+    from utils.train.setup import resolve_resume
+
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    args = TrainConfig(epochs=5, imgsz=64).to_dict()
+    save_checkpoint({"model": {}, "yaml": {}, "names": ["a"], "args": args, "epoch": 1, "optimizer": {}}, last)
+    for cli_accel, expect in ((True, True), (False, False)):
+        cfg, ckpt = resolve_resume(TrainConfig(resume=str(last), epochs=99, imgsz=320, accel=cli_accel))
+        assert (cfg.epochs, cfg.imgsz, cfg.accel) == (5, 64, expect)
+        assert cfg.save_dir == str((tmp_path / "exp").resolve()) and ckpt["epoch"] == 1

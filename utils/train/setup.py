@@ -56,19 +56,19 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
         raise CheckpointError(f"{path}: has no training args; it cannot be resumed (start a new run with --weights)")
     new = TrainConfig.from_dict(args, source=str(path))
     new.resume, new.save_dir = str(path), str(path.resolve().parent.parent)
+    new.accel = new.accel and cfg.accel  # --no-accel is how this process runs, not part of the run's recipe
     if ckpt.get("optimizer") is None:
         raise CheckpointError(f"{path}: training already finished (epoch {int(ckpt.get('epoch', -1)) + 1} of "
                               f"{new.epochs}); nothing to resume. Start a new run with --weights {path}")
     if int(ckpt.get("epoch", -1)) + 1 >= new.epochs:
         raise CheckpointError(f"{path}: all {new.epochs} epochs are done; nothing to resume")
-    print(f"--resume {path}: continuing with the run's own arguments (other flags are ignored)")
+    print(f"--resume {path}: continuing with the run's own arguments (other flags but --no-accel are ignored)")
     return new, ckpt
 
 
 def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
     """Hyper-parameters: the checkpoint's on resume, else the hyp file/dict, then `hyp_overrides` and
     `--label-smoothing` (when > 0) on top."""
-
     if ckpt is not None and isinstance(ckpt.get("hyp"), dict):
         return dict(ckpt["hyp"])
     hyp = dict(cfg.hyp) if isinstance(cfg.hyp, dict) else load_hyp(repo_path(cfg.hyp))

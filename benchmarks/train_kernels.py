@@ -89,14 +89,14 @@ def op_rows(shapes: dict[str, list], top: int = 4) -> list[tuple[str, str, float
         rows.append((f"BatchNorm + {act.__name__} fwd+bwd", str(list(shape)),
                      _ms(lambda: a(bn(x)).backward(gy)),
                      _ms(lambda: grad_op("bn_act_forward")(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1,
-                                                   1e-3, ACT_CODES[act])[0].backward(gy))))
+                                                           1e-3, ACT_CODES[act]).backward(gy))))
     for shape in sorted(shapes["se"], key=lambda sh: -torch.Size(sh).numel())[:top]:
         se = SELayer(shape[1]).train()
         x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
         gy = torch.randn(shape).contiguous(memory_format=CL)
         args = (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
         rows.append(("squeeze-excite fwd+bwd", str(list(shape)), _ms(lambda: _torch_se(se, x, gy)),
-                     _ms(lambda: grad_op("se_forward")(x, *args)[0].backward(gy))))
+                     _ms(lambda: grad_op("se_forward")(x, *args).backward(gy))))
     return rows
 
 

@@ -36,29 +36,27 @@ def _threads() -> int:
 def bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
     n, c, h, w = checks.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act)
     y, stats = new_like(x, tuple(x.shape), nhwc=True), x.new_empty(3, c)
-    rm, rv = running_mean.clone(), running_var.clone()  # functional: the C call updates these copies
+    # the C call updates running_mean / running_var in place, as BatchNorm2d's forward does (schema: a!, b!)
     if _lib().bn_act_forward(x.data_ptr(), y.data_ptr(), n * h * w, c, weight.data_ptr(), bias.data_ptr(),
-                             float(eps), int(act), stats.data_ptr(), rm.data_ptr(), rv.data_ptr(), float(momentum),
-                             _threads()):
+                             float(eps), int(act), stats.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(),
+                             float(momentum), _threads()):
         raise MemoryError(f"{NS}::bn_act_forward: out of memory for its scratch")
-    return y, stats, rm, rv
+    return y, stats
 
 
 def bn_act_forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, act):  # noqa: ANN001, ANN201
     _, c, _, _ = checks.check_bn_act_forward(x, weight, bias, running_mean, running_var, momentum, eps, act, fake=True)
-    return new_like(x, tuple(x.shape), nhwc=True), x.new_empty(3, c), torch.empty_like(running_mean), \
-        torch.empty_like(running_var)
+    return new_like(x, tuple(x.shape), nhwc=True), x.new_empty(3, c)
 
 
-def _bn_act_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _bn_act_setup(ctx, inputs, output) -> Tensor:  # noqa: ANN001 - returns y; the statistics stay inside
     x, weight, bias, _, _, _, _, act = inputs
-    _, stats, rm, rv = output
-    ctx.save_for_backward(x, weight, bias, stats)
+    ctx.save_for_backward(x, weight, bias, output[1])
     ctx.act = act
-    ctx.mark_non_differentiable(stats, rm, rv)
+    return output[0]
 
 
-def _bn_act_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - gradients of stats and running stats: none
+def _bn_act_grad(ctx, gy):  # noqa: ANN001, ANN202
     x, weight, bias, stats = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     gx, gw, gb = torch.ops.mobileyolo.bn_act_backward(x, as_nhwc(gy), weight, bias, stats, ctx.act, need_x)
@@ -108,10 +106,11 @@ def dw_conv2d_fake(x, weight, stride, padding):  # noqa: ANN001, ANN201
     return new_like(x, checks.check_dw_conv2d(x, weight, stride, padding, fake=True), nhwc=True)
 
 
-def _dw_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _dw_conv2d_setup(ctx, inputs, output) -> Tensor:  # noqa: ANN001
     x, weight, stride, padding = inputs
     ctx.save_for_backward(x, weight)
     ctx.stride, ctx.padding = stride, padding
+    return output
 
 
 def _dw_conv2d_grad(ctx, g):  # noqa: ANN001, ANN202
@@ -162,14 +161,14 @@ def se_forward_fake(x, w1, b1, w2, b2):  # noqa: ANN001, ANN201
     return new_like(x, tuple(x.shape), nhwc=True), x.new_empty(n, c), x.new_empty(n, c)
 
 
-def _se_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _se_setup(ctx, inputs, output) -> Tensor:  # noqa: ANN001 - returns y; pooled and gate stay inside
     x, w1, b1, w2, b2 = inputs
-    _, pooled, gate = output
+    y, pooled, gate = output
     ctx.save_for_backward(x, pooled, gate, w1, b1, w2, b2)
-    ctx.mark_non_differentiable(pooled, gate)
+    return y
 
 
-def _se_grad(ctx, gy, *_):  # noqa: ANN001, ANN202 - backward in two passes over x instead of six
+def _se_grad(ctx, gy):  # noqa: ANN001, ANN202 - backward in two passes over x instead of six
     x, pooled, gate, *ws = ctx.saved_tensors
     gy = as_nhwc(gy)
     g_gate = torch.ops.mobileyolo.se_gate_grad(x, gy)
@@ -204,10 +203,11 @@ def se_input_grad_fake(grad_y, gate, grad_pool):  # noqa: ANN001, ANN201
     return new_like(grad_y, tuple(grad_y.shape), nhwc=True)
 
 
-# name: (schema, implementation, fake, (backward, setup_context) of the differentiable ones, or None)
+# name: (schema, implementation, fake, (backward, setup_context) of the differentiable ones, or None);
+# `grad_op(name)` returns y only
 SPECS = {
-    "bn_act_forward": ("(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
-                       "float momentum, float eps, int act) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bn_act_forward": ("(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+                       "float momentum, float eps, int act) -> (Tensor, Tensor)",
                        bn_act_forward, bn_act_forward_fake, (_bn_act_grad, _bn_act_setup)),
     "bn_act_backward": ("(Tensor x, Tensor grad_y, Tensor weight, Tensor bias, Tensor stats, int act, "
                         "bool input_grad) -> (Tensor, Tensor, Tensor)", bn_act_backward, bn_act_backward_fake, None),
@@ -226,6 +226,8 @@ SPECS = {
 def _grad_function(name: str, backward, setup_context) -> type[torch.autograd.Function]:  # noqa: ANN001
     """An autograd.Function whose forward is the op `mobileyolo::<name>` and whose backward is `backward`.
 
+    `setup_context(ctx, inputs, output)` saves what backward needs and returns the Function's one output
+    (y: the op's other outputs, batch statistics and the like, stay inside, so autograd tracks one tensor).
     Why not `register_autograd`: torch's generic wrapper re-binds every argument by signature on each
     call, a fixed cost per call that added several percent to a training step of our ~60-module models.
     The op itself still runs through the dispatcher, so the profiler and the input checks see it.
@@ -234,9 +236,7 @@ def _grad_function(name: str, backward, setup_context) -> type[torch.autograd.Fu
     op = getattr(getattr(torch.ops, NS), name)
 
     def forward(ctx, *inputs):  # noqa: ANN001, ANN202
-        out = op(*inputs)
-        setup_context(ctx, inputs, out)
-        return out
+        return setup_context(ctx, inputs, op(*inputs))
 
     return type(f"{NS}_{name}", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})

@@ -16,10 +16,9 @@ Differentiable ops (call them through `grad_op(name)`, an autograd.Function arou
 backward uses the kernel ops; the op itself has no autograd formula, so calling it directly on tensors
 that require grad gives outputs autograd cannot differentiate):
     bn_act_forward(x NHWC, weight, bias, running_mean, running_var, momentum, eps, act)
-        -> (y NHWC, stats [3, C] = batch mean, biased var, invstd; new running_mean; new running_var)
-        y = act(BatchNorm(x)) with batch statistics. Functional: the running statistics come back as
-        new tensors (BatchNorm2d's update, unbiased variance) for the caller to copy into its buffers,
-        because PyTorch registers no autograd formula for an op that mutates its inputs.
+        -> (y NHWC, stats [3, C] = batch mean, biased var, invstd)
+        y = act(BatchNorm(x)) with batch statistics; updates running_mean and running_var in place
+        (schema `Tensor(a!)`, `Tensor(b!)`) as BatchNorm2d's forward does (momentum, unbiased variance).
     dw_conv2d(x NHWC, weight [C, 1, k, k], stride, padding) -> F.conv2d(x, weight, None, stride,
         padding, groups=C); its weight gradient is `dw_weight_grad`, its input gradient aten's.
     se_forward(x NHWC, w1 [S, C, 1, 1], b1 [S], w2 [C, S, 1, 1], b2 [C]) -> (y, pooled [N, C], gate [N, C]):
@@ -62,7 +61,8 @@ def is_registered() -> bool:
     return bool(_REGISTERED)
 
 
-def grad_op(name: str):  # noqa: ANN201 - Callable[..., Tensor | tuple[Tensor, ...]]
-    """The differentiable form of op `name` (bn_act_forward, dw_conv2d, se_forward); registers the ops first."""
+def grad_op(name: str):  # noqa: ANN201 - Callable[..., Tensor]
+    """The differentiable form of op `name` (bn_act_forward, dw_conv2d, se_forward): same arguments, returns
+    y only (the op's first output); registers the ops first."""
     register()
     return op_impls.GRAD[name]

@@ -86,7 +86,7 @@ def squeeze_excite(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     params = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in params):
         return None
-    return ops.grad_op("se_forward")(x, *params)[0]
+    return ops.grad_op("se_forward")(x, *params)
 
 
 def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -107,10 +107,7 @@ def conv_bn_act(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if (type(act) not in ACT_CODES or not y.is_contiguous(memory_format=CL)
             or y.shape[0] * y.shape[2] * y.shape[3] < 2):
         return act(bn(y))  # odd layout, or one value per channel (BatchNorm's own error is the right one)
-    out, _, mean, var = ops.grad_op("bn_act_forward")(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                      float(bn.momentum), float(bn.eps), ACT_CODES[type(act)])
-    with torch.no_grad():
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.num_batches_tracked.add_(1)
+    out = ops.grad_op("bn_act_forward")(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                        float(bn.momentum), float(bn.eps), ACT_CODES[type(act)])
+    bn.num_batches_tracked.add_(1)
     return out

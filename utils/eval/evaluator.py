@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from utils.eval.coco import run_cocoeval, save_coco_json
 from utils.eval.confusion import ConfusionMatrix
@@ -127,8 +128,6 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
     `save_txt` YOLO label files (`save_conf` adds the score); `save_json` COCO JSON + pycocotools summary.
     Prints the results table. Speed is milliseconds per image (pre-process, inference incl. decode, NMS).
     """
-    from tqdm import tqdm
-
 
     if (plots or save_txt or save_json) and save_dir is None:
         raise ValueError("evaluate: plots/save_txt/save_json need a save_dir")

@@ -9,6 +9,7 @@ an interrupted export never leaves a half-written model behind.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.export.metadata import METADATA_FILE
 from utils.export.graph import GRAPH_PASSES, LAYOUT_PASSES, static_se
+from utils.export.metadata import METADATA_FILE
 
 LOGGER = logging.getLogger("mobileyolo.export")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -101,11 +102,9 @@ def export_torchscript(wrapper: nn.Module, im: torch.Tensor, file: str | Path, m
     """Trace `wrapper` on `im` and save it to `file` with `metadata` as the extra file `config.json`.
 
     The tracer records the decode grid sizes as `aten::size` ops, not constants, so the saved module
-    runs at any batch and any stride-multiple size (tests/test_export.py checks this); callers should
+    runs at any batch and any stride-multiple size (tests/export/test_export.py checks this); callers should
     write `dynamic: true` into its metadata.
     """
-    import json
-
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

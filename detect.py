@@ -302,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: parse, apply the runtime policy once, run. Errors propagate (`cli_main` prints them)."""
     opt = parse_opt(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if opt.threads is not None and opt.threads < 1:
-        raise DetectError(f"--threads must be >= 1, got {opt.threads}")
     policy = apply_policy(threads=opt.threads)
     run(**vars(opt), spin=policy.spin)
     return 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.backend_helpers import make_checkpoint
+from utils.core.errors import FlagError
 from utils.infer import runtime
 from utils.infer.backend import DetectBackend
 
@@ -167,6 +168,17 @@ def test_apply_policy_off_switch_changes_nothing(torch_threads, fake_idle, monke
     assert torch.get_num_threads() == 2 and p.threads == 2
     monkeypatch.setenv("MOBILEYOLO_RUNTIME_POLICY", "1")  # any other value: the policy applies
     assert runtime.apply_policy(threads=1, malloc=False).threads == 1 and torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("policy", ["0", "1"])
+def test_apply_policy_refuses_fewer_than_one_thread(torch_threads, monkeypatch, policy):
+    """Checked before anything is set, with the policy on or off: torch would take 0 or -1 threads silently."""
+    monkeypatch.setenv("MOBILEYOLO_RUNTIME_POLICY", policy)
+    torch.set_num_threads(2)
+    for bad in (0, -1):
+        with pytest.raises(FlagError, match=f"--threads must be >= 1, got {bad}"):
+            runtime.apply_policy(threads=bad)
+    assert torch.get_num_threads() == 2
 
 
 def test_apply_policy_leaves_malloc_alone_when_asked(torch_threads, fake_idle, monkeypatch):

@@ -63,6 +63,7 @@ LIBRARIES = {
         "se_input_grad": [_P, _P, _P, _P, _L, _L, _L, _I],
     }, what="CPU training kernels"),
 }
+ENV = "MOBILEYOLO_CPU_KERNELS"  # "0": load() builds and loads nothing (and accelerate() swaps nothing)
 STALE_DAYS = 14  # a cached library nobody loaded for this long is removed by the next build of its kind
 _STATE: dict[str, dict[str, object]] = {}  # kind -> {"lib": the CDLL or None once tried, "why": reason it is None}
 _LOCK = threading.Lock()  # one first build + load at a time; a finished state is read without it
@@ -202,8 +203,8 @@ def load(kind: str = "train") -> ctypes.CDLL | None:
 def _try_load(kind: str) -> tuple[ctypes.CDLL | None, str]:
     """(library, '') or (None, why): build when needed, load, set the C functions' signatures."""
     spec = LIBRARIES[kind]
-    if os.environ.get("MOBILEYOLO_CPU_KERNELS") == "0":
-        return None, "disabled by MOBILEYOLO_CPU_KERNELS=0"
+    if os.environ.get(ENV) == "0":
+        return None, f"disabled by {ENV}=0"
     try:
         import torch  # noqa: F401 - load PyTorch's libgomp first, so that the library shares it
 

@@ -43,7 +43,6 @@ from models.mobilenetv3 import SELayer
 from utils.accel import native, ops, train_kernels
 
 LOGGER = logging.getLogger("mobileyolo.accel")
-ENV = "MOBILEYOLO_CPU_KERNELS"  # "0": accelerate() swaps nothing (and native.load() builds nothing)
 _CLASSES: dict[type, type] = {}  # plain class -> its generated accelerated subclass
 _LOCK = threading.Lock()
 
@@ -109,8 +108,8 @@ def off_reason(model: nn.Module, enabled: bool | None = None) -> str:
     """Why `accelerate(model, enabled)` would swap nothing ('' when it may swap). Loads the library."""
     if enabled is False:
         return "switched off: --no-accel / enabled=False"
-    if os.environ.get(ENV) == "0":
-        return f"switched off: {ENV}=0"
+    if os.environ.get(native.ENV) == "0":  # also after a load: the switch holds for this call
+        return f"switched off: {native.ENV}=0"
     devices = sorted({str(p.device) for p in model.parameters()})
     if devices and "cpu" not in devices:
         return f"the model is on {', '.join(devices)}; the kernels are CPU-only"

@@ -20,10 +20,11 @@ from typing import Any
 import yaml
 
 from utils.core.errors import UserError
+from utils.core.paths import ROOT
 
 LOGGER = logging.getLogger("mobileyolo.data")
 IMG_FORMATS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp")
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # where bundled YAMLs (bccd.yaml, hyps/) live
+REPO_DATA = ROOT / "data"  # where bundled YAMLs (bccd.yaml, hyps/) live
 
 
 class DataConfigError(UserError, ValueError):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from utils.core.errors import FlagError
+
 _IDLE_CACHE: dict[str, float] = {}  # last idle_cpus() sample: {"t": monotonic seconds, "idle": cpus}
 
 
@@ -171,7 +173,10 @@ def apply_policy(threads: int | None = None, malloc: bool = True) -> Policy:
     threads spin while they wait for each other, so on a machine other work keeps busy a batch-1 pass on
     more threads than idle cores ran many times slower). `malloc`: `tune_malloc()`.
     Off switch: `MOBILEYOLO_RUNTIME_POLICY=0` changes nothing (threads, allocator) and reports spin False.
+    Raises `FlagError` for `threads` below 1 (the `--threads` flag), whether or not the policy is off.
     """
+    if threads is not None and int(threads) < 1:
+        raise FlagError(f"--threads must be >= 1, got {threads}")
     if os.environ.get("MOBILEYOLO_RUNTIME_POLICY") == "0":
         return Policy(torch.get_num_threads(), False, False)
     if threads:

@@ -14,13 +14,13 @@ from models.pretrained import load_torchvision_backbone
 from models.registry import ModelConfigError
 from models.yolo import Model
 from utils.core.errors import FlagError, MissingFileError
+from utils.core.paths import ROOT
 from utils.data import create_dataloader, load_hyp
 from utils.train.config import TrainConfig
 from utils.train.dist import main_process_first
 from utils.train.ema import de_parallel
 from utils.train.optim import freeze_layers
 
-ROOT = Path(__file__).resolve().parents[2]  # repository root
 
 
 def repo_path(p: str | Path) -> str:

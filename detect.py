@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -26,13 +25,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.core.errors import UserError, cli_main
 from utils.core.paths import ROOT, increment_path
-from utils.data.letterbox import letterbox
 from utils.infer.backend import DetectBackend
+from utils.infer.predictor import Predictor, to_tensor  # noqa: F401 (detect.to_tensor: benchmarks, tests)
 from utils.infer.runtime import apply_policy
 from utils.infer.sources import LoadSource
 from utils.infer.writers import ResultWriter
-from utils.ops.boxes import scale_boxes
-from utils.ops.nms import non_max_suppression
 
 LOGGER = logging.getLogger("mobileyolo.detect")
 DEFAULT_SOURCE = ROOT / "data" / "bccd" / "images" / "val"
@@ -96,18 +93,6 @@ class Speed:
         return self.pre * k, self.inf * k, self.nms * k
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """Letterboxed BGR uint8 `[H, W, 3]` -> float32 RGB `[1, 3, H, W]` in 0..1, channels_last in memory.
-
-    One numpy pass does the BGR->RGB flip, the float conversion and the scaling; the HWC result is
-    then viewed as NCHW (a permute, no copy), i.e. already in the channels_last layout the PyTorch
-    backend runs in. numpy rather than torch: torch would run this in its OpenMP pool, whose spinning
-    threads cost many times the work on a CPU shared with other processes (benchmarks/run.py).
-    """
-    rgb = np.divide(img[..., ::-1], np.float32(255), dtype=np.float32)
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None]
-
-
 def newest_best(runs: Path | None = None) -> Path:
     """The most recently written `<runs>/*/weights/best.pt` (default `runs/train`); `DetectError` if none."""
     runs = Path(runs) if runs is not None else TRAIN_RUNS
@@ -125,26 +110,12 @@ def _check_options(o: DetectOptions) -> None:
         raise DetectError("--max-det, --vid-stride and --line-thickness must be >= 1")
 
 
-def _network_size(o: DetectOptions, backend: DetectBackend) -> tuple[int, int]:
-    """(h, w) the letterbox targets: the user's --imgsz rounded up to the stride, or a static export's size."""
-    want = o.imgsz if isinstance(o.imgsz, (list, tuple)) else [o.imgsz]
-    h, w = int(want[0]), int(want[-1])
-    if not backend.dynamic:
-        if (h, w) != tuple(backend.imgsz):
-            LOGGER.warning(f"{backend.file.name} is a fixed-size export ({backend.imgsz[0]}x{backend.imgsz[1]}); "
-                           f"using that instead of --imgsz {h} {w}")
-        return tuple(backend.imgsz)
-    s = backend.stride
-    hw = (math.ceil(h / s) * s, math.ceil(w / s) * s)
-    if hw != (h, w):
-        LOGGER.warning(f"--imgsz {h} {w} is not a multiple of the stride {s}; using {hw[0]} {hw[1]}")
-    return hw
-
-
 class Detector:
     """The detect loop as an object: `frames()` yields a `FrameResult` per frame and writes outputs.
 
-    Building it validates the weights and the source before any output folder is created.
+    Building it validates the weights and the source before any output folder is created. Each frame
+    takes the Python API's prediction path (`self.predictor`, a `utils.infer.predictor.Predictor` over
+    the same backend): its letterbox, tensor conversion, NMS and box scaling, one frame per batch.
     """
 
     def __init__(self, opts: DetectOptions) -> None:
@@ -155,53 +126,37 @@ class Detector:
         if opts.compile and self.backend.fmt != "pt":
             LOGGER.warning(f"--compile applies to .pt weights only; {weights.name} runs as {self.backend.fmt}")
         self.source = LoadSource(opts.source, opts.vid_stride)
-        self.imgsz = _network_size(opts, self.backend)
         if opts.classes:
             bad = [c for c in opts.classes if not 0 <= int(c) < self.backend.nc]
             if bad:
                 raise DetectError(f"--classes {bad}: the model has classes 0..{self.backend.nc - 1} "
                                   f"({', '.join(self.backend.names)})")
-        # .pt packs its weights (or compiles) for the first call's shape: warm up on the first frame's
-        # letterboxed shape (256x320 for a 640x480 photo), not on the square --imgsz
-        self._prepare_pending = self.backend.fmt == "pt"
-        if not self._prepare_pending:
-            self.backend.warmup(self.imgsz)  # so the first frame's time excludes lazy initialisation
+        self.predictor = Predictor(self.backend, size=opts.imgsz, conf=opts.conf_thres, iou=opts.iou_thres,
+                                   classes=opts.classes, max_det=opts.max_det, agnostic=opts.agnostic_nms)
+        self.imgsz = self.predictor.network_size(flag="--imgsz")  # (h, w); prepare() may fix it to a compiled shape
         self.save_dir = increment_path(Path(opts.project) / opts.name, exist_ok=opts.exist_ok, mkdir=True)
         self.speed = Speed()
         self.detections = 0
 
     def prepare(self, img: np.ndarray) -> None:
-        """Before the first frame is timed (.pt): warm up, i.e. pack or, with --compile, compile, for
-        `img`'s letterboxed shape. Once compiled, every frame is letterboxed to that shape (same-sized
-        frames: the usual minimal padding)."""
-        if not self._prepare_pending:
-            return
-        self._prepare_pending = False
-        shape = tuple(self.letterbox(img)[0].shape[:2])
-        self.backend.warmup(shape)
-        if self.backend.compiled:
-            self.imgsz = shape
-            LOGGER.info(f"compiled {self.backend.file.name} for {shape[0]}x{shape[1]} in {self.backend.compile_s:.1f} s; "
-                        f"every frame is letterboxed to {shape[0]}x{shape[1]}")
+        """Before the first frame is timed: warm up (.pt: pack or, with --compile, compile) for `img`'s
+        letterboxed shape, not the square --imgsz (`Predictor.prepare`). Once compiled, every frame is
+        letterboxed to that shape (same-sized frames: the usual minimal padding)."""
+        self.imgsz = self.predictor.prepare(img, self.imgsz)
 
     def letterbox(self, img: np.ndarray) -> tuple[np.ndarray, tuple]:
         """BGR uint8 [h, w, 3] -> (letterboxed BGR uint8 [H, W, 3], ((rh, rw), (padw, padh)))."""
-        lb, ratio, pad = letterbox(img, self.imgsz, auto=not self.backend.fixed_input, stride=self.backend.stride)
-        return lb, (ratio, pad)
+        return self.predictor.letterbox(img, self.imgsz)
 
     def preprocess(self, img: np.ndarray) -> tuple[torch.Tensor, tuple]:
         """BGR uint8 [h, w, 3] -> (float RGB [1, 3, H, W] 0..1, ((rh, rw), (padw, padh)))."""
-        lb, ratio_pad = self.letterbox(img)
-        return to_tensor(lb), ratio_pad
+        x, ratio_pads = self.predictor.preprocess([img], self.imgsz)
+        return x, ratio_pads[0]
 
     def postprocess(self, pred: torch.Tensor, in_shape: tuple[int, int], img_shape: tuple[int, ...],
                     ratio_pad: tuple) -> np.ndarray:
         """Decoded `[1, N, 5+nc]` -> NMS'd detections `[n, 6]` float32 in the original image's pixels."""
-        o = self.opts
-        det = non_max_suppression(pred, o.conf_thres, o.iou_thres, classes=o.classes, agnostic=o.agnostic_nms,
-                                  max_det=o.max_det)[0]
-        det[:, :4] = scale_boxes(in_shape, det[:, :4], img_shape[:2], ratio_pad)
-        return det.cpu().numpy()
+        return self.predictor.postprocess(pred, in_shape, [img_shape], [ratio_pad])[0].cpu().numpy()
 
     def detect(self, img: np.ndarray) -> np.ndarray:
         """Detections `[n, 6]` (x1, y1, x2, y2 in `img` pixels, conf, cls) for one BGR image; timed."""
@@ -252,7 +207,8 @@ class Detector:
         saved = f"results saved to {self.save_dir} ({'; '.join(where)})" if where else "nothing saved (--nosave)"
         return (f"{self.speed.n} frames, {self.detections} detections. Speed per image: {pre:.1f}ms pre-process, "
                 f"{inf:.1f}ms inference, {nms:.1f}ms NMS at shape {self.speed.shape} "
-                f"({self.backend.fmt}{', compiled' if self.backend.compiled else ''}); {saved}")
+                f"({self.backend.fmt}{', compiled' if self.backend.compiled else ''}); {saved}"
+                + (f". {note}" if (note := self.source.skipped_note()) else ""))  # '2 images skipped: see above'
 
 
 def run(**kwargs: object) -> Detector:

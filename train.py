@@ -8,7 +8,8 @@
 The default hyp file, data/hyps/short-cpu.yaml, is tuned for that short CPU run (AdamW via
 `--optimizer auto`); pass `--hyp data/hyps/default.yaml` for YOLOv5's long-schedule values (SGD).
 Outputs go to runs/train/expN/: weights/{last,best}.pt, results.csv, results.png, hyp.yaml, args.yaml,
-data plots and the final validation plots of best.pt.
+data plots and the final validation plots of best.pt. Ctrl-C stops after the current batch, saves a resumable
+last.pt and prints the --resume command (exit 130); docs/RELIABILITY.md lists what each fault leaves.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,87 +24,40 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import model_from_checkpoint, save_checkpoint
+from models.checkpoint import model_from_checkpoint
 from utils.accel import accelerate
 from utils.core.devices import device_memory_str, select_device
 from utils.core.errors import FlagError, cli_main
-from utils.core.paths import increment_path
 from utils.data import check_dataset
 from utils.data.plots import plot_labels, plot_train_batch
 from utils.eval.evaluator import evaluate
 from utils.eval.metrics import Metrics
 from utils.train.autoanchor import autoanchor
 from utils.train.config import DEFAULT_EPOCHS, TrainConfig, write_yaml
-from utils.train.dist import (DistInfo, broadcast_flag, cleanup_distributed, dist_from_env, init_distributed,
-                              seed_everything)
+from utils.train.dist import (DistInfo, any_rank, broadcast_flag, cleanup_distributed, dist_from_env,
+                              init_distributed, seed_everything)
 from utils.train.ema import ModelEMA, de_parallel
+from utils.train.faults import NonFiniteGuard, StopRequest, check_writable, write_checkpoint
+from utils.train.files import DiskFullError, disk_full_error, is_disk_full
 from utils.train.loss import ComputeLoss
 from utils.train.optim import (BN_MOMENTUM, accumulate_steps, apply_warmup, build_optimizer, build_scheduler, lr_lambda,
                                scaled_weight_decay, set_bn_momentum, warmup_iters)
 from utils.train.results import RESULT_COLUMNS, append_results, epoch_desc, epoch_header, plot_results, truncate_results
 from utils.train.setup import (build_loaders, build_model, make_checkpoint, prepare_hyp, repo_path, resolve_resume,
                                strip_optimizer)
+from utils.train.state import Callbacks, Run, interrupt_run, make_save_dir
 
-Callbacks = dict[str, Callable[..., None]]
 GRAD_CLIP = 10.0  # max gradient norm; guards the first noisy steps against blow-ups
-
-
-@dataclass
-class Run:
-    """Everything one training run holds between epochs (built by `setup()`)."""
-
-    cfg: TrainConfig
-    info: DistInfo
-    device: torch.device
-    hyp: dict
-    names: list[str]
-    model: nn.Module
-    ema: ModelEMA | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    loss_fn: Any
-    train_loader: Any
-    train_ds: Any
-    val_loader: Any
-    save_dir: Path | None
-    lf: Callable[[int], float]
-    accumulate: int
-    nw: int
-    start_epoch: int = 0
-    best_fitness: float = 0.0
-    best_epoch: int = -1
-    last_opt_step: int = -1
-    callbacks: Callbacks = field(default_factory=dict)
-    tb: Any = None
-
-    @property
-    def amp(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
-    def weights_dir(self) -> Path:
-        assert self.save_dir is not None, "only the main process writes files"
-        return self.save_dir / "weights"
-
-    def emit(self, event: str, *args: Any) -> None:
-        if event in self.callbacks:
-            self.callbacks[event](*args)
-
-
-def _make_save_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
-    """The run folder (rank 0 only): the checkpoint's on resume, else the next free `project/name`."""
-    if not info.is_main:
-        return None
-    save_dir = Path(cfg.save_dir) if cfg.resume else increment_path(Path(cfg.project) / cfg.name, cfg.exist_ok)
-    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
-    cfg.save_dir = str(save_dir)
-    return save_dir
 
 
 def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Callbacks) -> Run:
     """Resume lookup, run folder, data, model, AutoAnchor, optimizer, schedule, EMA and loss."""
     cfg, ckpt = resolve_resume(cfg)
+    if info.is_main and ckpt is None:  # before any work: a read-only --project fails here, not after the scan
+        check_writable(Path(cfg.project), "--project")
+    elif info.is_main:
+        check_writable(Path(cfg.save_dir) / "weights", "run folder",
+                       "copy the run folder to a writable place and resume its weights/last.pt there")
     seed_everything(cfg.seed, info.rank)
     hyp = prepare_hyp(cfg, ckpt)
     data = check_dataset(repo_path(cfg.data))
@@ -121,7 +73,7 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
     # forward on the mobileyolo:: ops in train mode; copies (EMA), checkpoints and eval stay plain PyTorch
     accelerate(model, enabled=cfg.accel, log=print if info.is_main else (lambda line: None))
     train_loader, train_ds, val_loader = build_loaders(cfg, data, hyp, gs, info)
-    save_dir = _make_save_dir(cfg, info)  # only now: bad input (an unusable dataset too) leaves no empty run folder
+    save_dir = make_save_dir(cfg, info)  # only now: bad input (an unusable dataset too) leaves no empty run folder
     if info.is_main and ckpt is None and not cfg.noautoanchor:
         det = model.detect
         new, _ = autoanchor(train_ds, det.anchors, det.stride, cfg.imgsz, thr=hyp["anchor_t"], seed=cfg.seed)
@@ -158,22 +110,29 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device, callbacks: Cal
                loss_fn=loss_fn, train_loader=train_loader, train_ds=train_ds, val_loader=val_loader,
                save_dir=save_dir, lf=lf, accumulate=accumulate, nw=nw, start_epoch=start_epoch,
                best_fitness=best_fitness, best_epoch=best_epoch, last_opt_step=start_epoch * nb - 1,
-               callbacks=callbacks)
+               callbacks=callbacks, guard=NonFiniteGuard(cfg.nan_limit, verbose=info.is_main))
 
 
-def optimizer_step(r: Run) -> None:
-    """Unscale, clip, step, zero the gradients and update the EMA."""
+def optimizer_step(r: Run) -> bool:
+    """Unscale, clip, step, zero the gradients and update the EMA; False (gradients dropped, no step, no
+    EMA update) when the gradient norm is not finite without AMP (AMP's scaler skips such steps itself)."""
     r.scaler.unscale_(r.optimizer)
-    torch.nn.utils.clip_grad_norm_(r.model.parameters(), max_norm=GRAD_CLIP)
+    norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), max_norm=GRAD_CLIP)
+    if not r.scaler.is_enabled() and not torch.isfinite(norm):
+        r.optimizer.zero_grad(set_to_none=True)
+        return False
     r.scaler.step(r.optimizer)
     r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
     if r.ema is not None:
         r.ema.update(r.model)
+    return True
 
 
-def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
-    """One pass over the training set; returns the mean (box, obj, cls) loss per image, shape [3]."""
+def train_one_epoch(r: Run, epoch: int) -> tuple[torch.Tensor, int | None]:
+    """One pass over the training set: (mean (box, obj, cls) loss per image [3], None), or (..., i) when
+    Ctrl-C stopped it after batch i. A batch whose loss (or gradient) is not finite is skipped with a
+    warning (`r.guard`: NonFiniteLossError after `--nan-limit` in a row)."""
     r.model.train()
     if hasattr(r.train_ds, "set_epoch"):
         r.train_ds.set_epoch(epoch)
@@ -182,7 +141,7 @@ def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
     if r.info.is_main:
         print("\n" + epoch_header())
         pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
-    mloss = torch.zeros(3)
+    mloss, n_ok = torch.zeros(3), 0
     for i, (imgs, targets, paths, _shapes) in pbar:
         ni = i + nb * epoch  # iterations since the start of training
         if r.info.is_main and ni < 3 and not r.cfg.noplots:
@@ -191,20 +150,30 @@ def train_one_epoch(r: Run, epoch: int) -> torch.Tensor:
         imgs = (imgs.to(r.device, non_blocking=True).float() / 255).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=r.device.type, enabled=r.amp):
             loss, parts = r.loss_fn(r.model(imgs), targets.to(r.device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch + 1} batch {i}: loss is {loss.item()}; lower lr0 or check labels")
-        if r.info.distributed:
-            loss = loss * r.info.world_size  # DDP averages gradients over ranks; keep the full-batch scale
-        r.scaler.scale(loss).backward()
-        if ni - r.last_opt_step >= r.accumulate:
-            optimizer_step(r)
-            r.last_opt_step = ni
-        mloss = (mloss * i + parts.detach().cpu()) / (i + 1)
+        where = f"epoch {epoch + 1}/{r.cfg.epochs} batch {i + 1}/{nb}"
+        finite = bool(torch.isfinite(loss))
+        if any_rank(not finite, r.info):  # every rank skips, or none waits forever
+            # no backward: nothing reaches the weights, the optimizer, the EMA or the AMP scaler
+            r.guard.bad(where, "loss is not finite on another process" if finite else f"loss is {loss.item()}")
+        else:
+            if r.info.distributed:
+                loss = loss * r.info.world_size  # DDP averages gradients over ranks; keep the full-batch scale
+            r.scaler.scale(loss).backward()
+            r.guard.good()
+            if ni - r.last_opt_step >= r.accumulate:
+                if not optimizer_step(r):
+                    r.guard.bad(where, "the gradient is not finite")
+                r.last_opt_step = ni
+            mloss, n_ok = (mloss * n_ok + parts.detach().cpu()) / (n_ok + 1), n_ok + 1
         if r.info.is_main:
             pbar.set_description(epoch_desc(epoch, r.cfg.epochs, device_memory_str(r.device), mloss.tolist(),
                                              int(targets.shape[0]), int(imgs.shape[-1])))
         r.emit("on_train_batch_end", epoch, i)
-    return mloss
+        if r.stop is not None and r.stop.requested:
+            if r.info.is_main:
+                pbar.close()
+            return mloss, i
+    return mloss, None
 
 
 def validate(r: Run, model: nn.Module, plots: bool = False, verbose: bool = False) -> Any:
@@ -231,11 +200,13 @@ def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool
             r.tb.add_scalar(k, v, epoch)
     if not r.cfg.nosave or final:
         ckpt = make_checkpoint(r.model, r.ema, r.optimizer, r.hyp, r.cfg, epoch, r.best_fitness, r.best_epoch)
-        save_checkpoint(ckpt, r.weights_dir / "last.pt")
+        last = r.weights_dir / "last.pt"
+        write_checkpoint(ckpt, last, resume_from=last)  # a full disk: DiskFullError, the old last.pt kept
+        r.guard.last_good = f"{last} (epoch {epoch + 1})"
         if r.best_epoch == epoch:
-            save_checkpoint(ckpt, r.weights_dir / "best.pt")
+            write_checkpoint(ckpt, r.weights_dir / "best.pt", resume_from=last)
         if r.cfg.save_period > 0 and (epoch + 1) % r.cfg.save_period == 0:
-            save_checkpoint(ckpt, r.weights_dir / f"epoch{epoch + 1}.pt")
+            write_checkpoint(ckpt, r.weights_dir / f"epoch{epoch + 1}.pt", resume_from=last)
     r.emit("on_fit_epoch_end", epoch, row)
     stop = r.cfg.patience > 0 and epoch - r.best_epoch >= r.cfg.patience
     if stop:
@@ -244,10 +215,30 @@ def end_epoch(r: Run, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool
     return stop
 
 
+def fit(r: Run) -> int:
+    """The epoch loop; returns the index of the last epoch run. Ctrl-C ends it through `interrupt_run`."""
+    epoch = r.start_epoch - 1
+    for epoch in range(r.start_epoch, r.cfg.epochs):
+        mloss, stopped_after = train_one_epoch(r, epoch)
+        if stopped_after is not None:
+            interrupt_run(r, epoch - 1, f"in epoch {epoch + 1}/{r.cfg.epochs} after batch {stopped_after + 1}/"
+                                    f"{len(r.train_loader)}")
+        lrs = [g["lr"] for g in r.optimizer.param_groups]
+        r.scheduler.step()
+        stop = end_epoch(r, epoch, mloss, lrs) if r.info.is_main else False
+        if r.stop is not None and r.stop.requested and epoch + 1 < r.cfg.epochs and not stop:
+            interrupt_run(r, epoch, f"after epoch {epoch + 1}/{r.cfg.epochs}")  # pressed during validation
+        if broadcast_flag(stop, r.info):
+            break
+    return epoch
+
+
 def finish(r: Run, last_epoch: int, t0: float) -> Any:
     """Plot results, strip optimizers, validate best.pt with plots, and print where everything went."""
     n_done = last_epoch - r.start_epoch + 1
     print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if r.guard.skipped:
+        print(f"{r.guard.skipped} training steps skipped for a non-finite loss or gradient: see the warnings above")
     if (r.save_dir / "results.csv").exists():
         plot_results(r.save_dir / "results.csv")
     metrics = None
@@ -312,22 +303,24 @@ def run(opt: TrainConfig | None = None, callbacks: Callbacks | None = None, **kw
     info = dist_from_env()
     device = select_device(cfg.device, info.local_rank)
     init_distributed(info, device)
+    r = None
     try:
         r = setup(cfg, info, device, callbacks or {})
         if info.is_main:
             _start_outputs(r)
-        t0, epoch = time.time(), r.start_epoch - 1
-        for epoch in range(r.start_epoch, r.cfg.epochs):
-            mloss = train_one_epoch(r, epoch)
-            lrs = [g["lr"] for g in r.optimizer.param_groups]
-            r.scheduler.step()
-            stop = end_epoch(r, epoch, mloss, lrs) if info.is_main else False
-            if broadcast_flag(stop, info):
-                break
+        t0 = time.time()
+        # under torchrun Ctrl-C stops at once (ranks would have to agree on the batch); last.pt is then the
+        # previous epoch's
+        with StopRequest(enabled=not info.distributed) as r.stop:
+            epoch = fit(r)
         metrics = finish(r, epoch, t0) if info.is_main else None
-        if r.tb is not None:
-            r.tb.close()
+    except OSError as e:  # a full disk in a write not made through utils/train/files.py (plots, TensorBoard)
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise disk_full_error(e.filename or f"a file of the run {cfg.save_dir or cfg.project}") from None
+        raise
     finally:
+        if r is not None and r.tb is not None:
+            r.tb.close()
         cleanup_distributed()
     wd = r.save_dir / "weights" if r.save_dir else None
     return {"save_dir": r.save_dir, "best": wd / "best.pt" if wd else None, "last": wd / "last.pt" if wd else None,
@@ -338,7 +331,8 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     """Command line -> TrainConfig; flags have the names YOLOv5 users type (`python train.py --help`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig.__dataclass_fields__
-    p.add_argument("--data", default=d["data"].default, help="data YAML")
+    p.add_argument("--data", default=None, help=f"data YAML (default {d['data'].default}); with --resume: the "
+                   "run's data YAML at a new place")
     p.add_argument("--cfg", default=d["cfg"].default, help="model YAML")
     p.add_argument("--weights", default="", help="start from this MobileYOLO checkpoint (matching tensors)")
     p.add_argument("--backbone-weights", default="", help="torchvision MobileNetV3 state_dict file for the backbone")
@@ -351,6 +345,8 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--cache", nargs="?", const="ram", default=None, help="cache images in RAM")
     p.add_argument("--rect", action="store_true", help="rectangular training batches (no shuffle)")
     p.add_argument("--patience", type=int, default=100, help="early stop after this many epochs without improvement")
+    p.add_argument("--nan-limit", type=int, default=d["nan_limit"].default,
+                   help="stop after this many steps in a row skipped for a non-finite loss")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the run of this last.pt (or the latest)")
     p.add_argument("--freeze", type=int, default=0, help="freeze the first N model rows")
     p.add_argument("--optimizer", choices=["auto", "SGD", "Adam", "AdamW"], default="auto",
@@ -370,7 +366,12 @@ def parse_opt(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--noplots", action="store_true", help="skip the data and validation plots")
     p.add_argument("--no-accel", dest="accel", action="store_false",
                    help="plain PyTorch training, without our CPU training kernels (also: MOBILEYOLO_CPU_KERNELS=0)")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    if args["data"] is None:
+        args["data"] = d["data"].default
+    elif args["resume"]:
+        args["resume_data"] = args["data"]
+    return TrainConfig(**args)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 A checkpoint is a dict (see docs/CONTRACTS.md): `model` and `ema` state_dicts, the model `yaml` dict,
 `names`, `anchors` [nl, na, 2] px, `stride` [nl], `hyp`, `args`, `epoch`, `optimizer`, `best_fitness`,
 `updates`, `date`, `version`. No pickled classes, so loading never runs code from the file.
+YOLOv5 v6/v7 files are read too, by a restricted unpickler (`models.yolov5_compat`), into the same shape.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ import numpy as np
 import torch
 
 from models.yolo import Model
+from models.yolov5_compat import (
+    YOLOv5Error,
+    is_yolov5_global,
+    read_yolov5,
+    refused_global,
+)
 from utils.core.errors import UserError
 
 CHECKPOINT_VERSION = 1
@@ -65,16 +72,47 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 
 
 def torch_load_reason(e: BaseException) -> str:
-    """The useful part of a `torch.load` error: the unpickler's own sentence (`Unsupported global: GLOBAL
-    io.open ...`) when torch names one, else the first line; ANSI colour codes removed, at most 200 chars."""
+    """The useful part of a `torch.load` error: `global 'io.open' is not allowed` when the unpickler refused
+    a global, else its own sentence or the first one; ANSI colour codes removed, at most 200 chars."""
+    name = refused_global(e)
+    if name is not None:  # torch words this differently per case (a blocked module, an unlisted global)
+        return f"global '{name}' is not allowed"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
     m = re.search(r"WeightsUnpickler error: (.+?)(?:\. |\.?$)", text, flags=re.MULTILINE)
-    line = m.group(1) if m else (text.splitlines()[0] if text else type(e).__name__)
+    line = m.group(1) if m else (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)
     return line.strip()[:200]
 
 
+def foreign_format(path: str | Path) -> str | None:
+    """'yolov5' or 'ultralytics' when the file pickles that project's model classes, else None.
+
+    Reads the pickle's global names statically (`torch.serialization.get_unsafe_globals_in_checkpoint`);
+    nothing in the file is loaded or run.
+    """
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001  (not a torch.save zip file: not one of these either)
+        return None
+    if any(is_yolov5_global(n) for n in names):
+        return "yolov5"
+    return "ultralytics" if any(n.startswith("ultralytics.") for n in names) else None
+
+
+def load_yolov5(path: str | Path) -> dict:
+    """A YOLOv5 v6/v7 `.pt` file as our checkpoint dict (`models.yolov5_compat.read_yolov5`: a restricted
+    unpickler, nothing in the file runs); CheckpointError naming the file and, for code, the global."""
+    try:
+        return {"version": CHECKPOINT_VERSION, **read_yolov5(path)}
+    except YOLOv5Error as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint with `weights_only=True`; raise `CheckpointError` naming the file and the reason."""
+    """Read a checkpoint with `weights_only=True`; raise `CheckpointError` naming the file and the reason.
+
+    A YOLOv5 v6/v7 file (pickled YOLOv5 classes) is read by `load_yolov5` into the same dict shape, with
+    `converted_from` set; any other pickled code is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -82,10 +120,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: file is empty (0 bytes), not a checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        reason = torch_load_reason(e)
-        kind = "refused unsafe content" if "weights only" in str(e).lower() else "unreadable or truncated"
-        raise CheckpointError(f"{path}: not a valid MobileYOLO checkpoint ({kind}: {reason})") from None
+    except Exception as e:  # noqa: BLE001  (torch raises RuntimeError, UnpicklingError, EOFError... for bad files)
+        refused = "weights only" in str(e).lower()
+        foreign = foreign_format(path) if refused else None
+        if foreign == "yolov5":
+            return load_yolov5(path)
+        if foreign == "ultralytics":
+            raise CheckpointError(f"{path}: an Ultralytics (YOLOv8 or later) checkpoint; MobileYOLO reads its own "
+                                  "checkpoints and YOLOv5 v6/v7 ones") from None
+        kind = "refused unsafe content" if refused else "unreadable or truncated"
+        raise CheckpointError(f"{path}: not a valid MobileYOLO checkpoint ({kind}: {torch_load_reason(e)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a MobileYOLO checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
     missing = [k for k in REQUIRED_KEYS if ckpt.get(k) is None]

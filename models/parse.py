@@ -11,6 +11,7 @@ A row is `[from, number, module, args]`:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -87,6 +88,14 @@ def _build_row(cls: type, c_in: list[int], args: list[Any], gw: float, n_arg: in
     return (mods[0] if copies == 1 else nn.Sequential(*mods)), c_out
 
 
+def _multiple(cfg: dict[str, Any], key: str, source: str) -> float:
+    """`depth_multiple` / `width_multiple` (default 1.0): a finite number > 0, else ModelConfigError."""
+    v = cfg.get(key, 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ModelConfigError(f"{source}: '{key}' must be a number > 0, got {v!r}")
+    return float(v)
+
+
 def parse_model(cfg: dict[str, Any], ch: int = 3, source: str = "<dict>"
                 ) -> tuple[nn.ModuleList, set[int], list[int]]:
     """Build the layers of a model dict. Returns (layers, save, out_channels per row).
@@ -96,8 +105,13 @@ def parse_model(cfg: dict[str, Any], ch: int = 3, source: str = "<dict>"
     `save` holds the rows whose outputs later rows read (besides the previous row).
     Errors: `ModelConfigError` naming `source`, the row index and the row.
     """
-    gd = float(cfg.get("depth_multiple", 1.0))
-    gw = float(cfg.get("width_multiple", 1.0))
+    gd, gw = _multiple(cfg, "depth_multiple", source), _multiple(cfg, "width_multiple", source)
+    for s in SECTIONS:
+        if cfg.get(s) is not None and not isinstance(cfg[s], list):
+            raise ModelConfigError(f"{source}: '{s}' must be a list of [from, number, module, args] rows, "
+                                   f"got {type(cfg[s]).__name__} {cfg[s]!r:.60}")
+    if "head" in cfg and not cfg["head"]:  # absent: a backbone-only model (block tests); empty: a mistake
+        raise ModelConfigError(f"{source}: 'head' is empty; its last row must be Detect (or Classify)")
     rows = [(s, r) for s in SECTIONS for r in (cfg.get(s) or [])]
     if not rows:
         raise ModelConfigError(f"{source}: no rows in 'backbone'/'head'")

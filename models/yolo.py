@@ -22,7 +22,7 @@ from models.mobilenetv3 import Classify  # noqa: E402
 from models.parse import parse_model  # noqa: E402
 from models.registry import ModelConfigError  # noqa: E402
 from models.summary import summary_line, summary_table  # noqa: E402
-from utils.core.errors import MissingFileError, cli_main  # noqa: E402
+from utils.core.errors import MissingFileError, cli_main, yaml_error  # noqa: E402
 
 PROBE_SIZE = 128  # px; a multiple of the largest stride (128 covers strides up to 64, cheaply)
 
@@ -37,7 +37,7 @@ def load_cfg(cfg: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ModelConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ModelConfigError(yaml_error(path, e)) from None
     if not isinstance(d, dict):
         raise ModelConfigError(f"{path}: a model YAML must be a mapping with backbone/head keys")
     d["yaml_file"] = path.name

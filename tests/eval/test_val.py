@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import val
-from utils.eval.evaluator import evaluate
+from tests.backend_helpers import make_checkpoint
+from utils.core.errors import FlagError, cli_main
+from utils.core.paths import ROOT
 from utils.data import check_dataset, create_dataloader
 from utils.data.synthetic import make_synthetic_dataset
-from utils.core.paths import ROOT
+from utils.eval.evaluator import evaluate
 
 IMGSZ = 128
 CFG = ROOT / "models/mobilenetv3-small-yolo.yaml"
@@ -74,6 +76,11 @@ def test_oracle_scores_one_and_boxes_return_to_original_pixels(data_yaml, tmp_pa
         np.testing.assert_allclose(boxes, expect, atol=0.05)
     txt = sorted((tmp_path / "labels").glob("*.txt"))
     assert len(txt) == 5 and len(txt[0].read_text().splitlines()[0].split()) == 5
+    # a custom dataset keeps today's ids: images 0.., categories = our 0-based class indices
+    dets = json.loads((tmp_path / "predictions.json").read_text())
+    assert {d["image_id"] for d in dets} == set(range(5)) == {im["id"] for im in gt["images"]}
+    assert {d["category_id"] for d in dets} <= {0, 1} and [c["id"] for c in gt["categories"]] == [0, 1]
+    assert {a["category_id"] for a in gt["annotations"]} <= {0, 1}
 
 
 def test_single_cls_and_empty_loader(data_yaml, capsys):
@@ -107,8 +114,8 @@ def test_raw_maps_are_decoded_and_loss_averaged(data_yaml, capsys):
 
 
 def test_run_cli_on_checkpoint(data_yaml, tmp_path, capsys):
-    from models.yolo import Model
     from models.checkpoint import save_checkpoint
+    from models.yolo import Model
 
     model = Model(CFG, nc=2)
     model.names = ["class0", "class1"]
@@ -129,15 +136,15 @@ def test_run_cli_on_checkpoint(data_yaml, tmp_path, capsys):
 
 
 def weights_for_nc(tmp_path, nc):
-    from models.yolo import Model
     from models.checkpoint import save_checkpoint
+    from models.yolo import Model
 
     model = Model(CFG, nc=nc)
     return save_checkpoint({"model": model.state_dict(), "yaml": model.yaml, "names": [str(i) for i in range(nc)],
                             "stride": model.stride}, tmp_path / f"nc{nc}.pt")
 
 
-def test_bad_model_output_and_missing_save_dir(data_yaml):
+def test_bad_model_output_and_missing_save_dir(data_yaml, tmp_path):
     cfg, loader, _ = make_loader(data_yaml)
     with pytest.raises(ValueError, match="raw maps or a decoded"):
         evaluate(lambda x: torch.zeros(2, 7), loader, cfg.names)
@@ -145,3 +152,28 @@ def test_bad_model_output_and_missing_save_dir(data_yaml):
         evaluate(lambda x: [torch.zeros(2, 3, 4, 4, 7)], loader, cfg.names)
     with pytest.raises(ValueError, match="save_dir"):
         evaluate(lambda x: torch.zeros(2, 1, 7), loader, cfg.names, plots=True)
+    with pytest.raises(ValueError, match="80 COCO classes"):
+        evaluate(lambda x: torch.zeros(2, 1, 7), loader, cfg.names, save_dir=tmp_path, save_json=True, coco80=True)
+
+
+def test_task_flag_picks_split_and_times_speed(data_yaml, tmp_path, capsys):
+    weights = make_checkpoint(tmp_path / "tiny.pt", imgsz=IMGSZ, obj_logit=1.0)
+    args = ["--data", str(data_yaml), "--weights", str(weights), "--imgsz", str(IMGSZ), "--workers", "0",
+            "--project", str(tmp_path / "runs")]
+    assert val.main(args + ["--task", "train", "--noplots"]).n_images == 2  # the train split, not val's 5
+    assert "train: " in capsys.readouterr().out
+    # speed: val split, batch 1, conf 0.25 / IoU 0.45, no plots or JSON even when asked, ms per stage printed
+    m = val.main(args + ["--task", "speed", "--save-json", "--name", "speed"])
+    out = capsys.readouterr().out
+    assert m.n_images == 5 and m.coco_stats is None and not any((tmp_path / "runs/speed").iterdir())
+    assert "Speed: " in out and "ms inference" in out and "--task speed: tiny.pt (pt), 5 images" in out
+    assert "batch 1" in out and "conf 0.25, IoU 0.45" in out
+    # a missing split: one line naming the key and the YAML, exit 2
+    assert cli_main("val.py", val.main, args + ["--task", "test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("val.py: error: ") and str(data_yaml) in err[0]
+    assert "no 'test' split defined (key 'test')" in err[0]
+    with pytest.raises(FlagError, match="expected one of train, val, test, speed"):
+        val.run(data_yaml, weights, task="bench", workers=0, project=tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        val.parse_opt(["--weights", str(weights), "--task", "bench"])

@@ -182,3 +182,51 @@ def test_onnx_graph_has_one_output_and_metadata(files):
     assert meta["names"] == '["red", "green"]' and meta["stride"] == "16" and meta["imgsz"] == "[64, 64]"
     assert [o.name for o in g.graph.output] == ["output0"]
     assert "BatchNormalization" not in {n.op_type for n in g.graph.node}
+
+
+# ---- formats (issue 19): dispatch by path, the runners' shared helpers ---------------------------------------
+def test_format_of_dispatches_by_suffix_and_folder(tmp_path):
+    from utils.infer.backend import format_of
+
+    cases = {"best.pt": "pt", "b.pth": "pt", "best.torchscript": "torchscript", "best.onnx": "onnx",
+             "best-int8.onnx": "onnx", "best_openvino_model": "openvino", "m/best.xml": "openvino",
+             "best_int8_openvino_model": "openvino", "best_ncnn_model": "ncnn", "model.ncnn.param": "ncnn",
+             "best_float32.tflite": "tflite", "best_int8.tflite": "tflite", "best.pte": "executorch",
+             "best.h5": None, "somefolder": None}
+    assert {k: format_of(k) for k in cases} == cases
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BackendError, match="unknown weights type 'plain'.*_openvino_model"):
+        DetectBackend(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("form", ["nchw", "nhwc", "5d"])
+def test_decode_maps_equals_our_decoder(form):
+    from utils.infer.formats.common import decode_maps
+    from utils.ops.decode import decode
+
+    torch.manual_seed(0)
+    anchors = torch.tensor([[[10.0, 13.0], [16.0, 30.0]], [[30.0, 61.0], [62.0, 45.0]]])
+    strides = torch.tensor([8.0, 16.0])
+    meta = export_metadata(NAMES, strides.tolist(), (64, 64), 1, False, anchors=anchors)
+    maps5 = [torch.randn(2, 2, 8, 8, 7), torch.randn(2, 2, 4, 4, 7)]  # [B, na, H, W, 5 + nc]
+    ref = decode(maps5, anchors, strides).numpy()
+    nchw = [m.permute(0, 1, 4, 2, 3).reshape(2, 14, *m.shape[2:4]) for m in maps5]  # the head conv's own layout
+    given = {"nchw": nchw, "nhwc": [m.permute(0, 2, 3, 1) for m in nchw], "5d": maps5}[form]
+    out = decode_maps([m.numpy() for m in reversed(given)], meta)  # any order: matched by size
+    assert out.dtype == torch.zeros(0).numpy().dtype and (out == ref).all()
+    with pytest.raises(BackendError, match="not a head map"):
+        decode_maps([torch.zeros(1, 5, 8, 8).numpy(), torch.zeros(1, 5, 4, 4).numpy()], meta)
+    with pytest.raises(BackendError, match="metadata has no valid 'anchors'"):
+        decode_maps([m.numpy() for m in maps5], export_metadata(NAMES, [8.0, 16.0], (64, 64), 1, False))
+
+
+def test_require_names_the_requirements_file(monkeypatch):
+    import sys
+
+    from utils.infer.formats.common import require
+
+    monkeypatch.setitem(sys.modules, "ncnn", None)
+    with pytest.raises(BackendError) as e:
+        require("ncnn", "NCNN", "best_ncnn_model")
+    assert str(e.value) == "best_ncnn_model: NCNN needs ncnn: pip install -r requirements-export.txt"
+    assert require("json", "JSON", "x").dumps(1) == "1"

@@ -11,8 +11,8 @@ import pytest
 
 import detect
 from tests.backend_helpers import make_checkpoint, make_images, make_video
-from utils.infer.backend import BackendError
 from utils.core.draw import draw_boxes
+from utils.infer.backend import BackendError
 from utils.infer.sources import LoadSource, SourceError, resolve_source, stream_name
 
 NAMES = ["cell", "blob"]
@@ -57,7 +57,7 @@ def test_folder_writes_images_labels_crops_and_round_trips(weights, tmp_path, ca
     assert det.save_dir == out and len(results) == 3
     assert sorted(p.name for p in out.glob("*.png")) == [f.name for f in files]
     assert det.writer.counts["labels"] == 3 and det.writer.counts["crops"] == sum(len(r.det) for r in results)
-    assert set(p.name for p in (out / "crops").iterdir()) <= set(NAMES)
+    assert {p.name for p in (out / "crops").iterdir()} <= set(NAMES)
     for r, f in zip(results, files):
         img = cv2.imread(str(f))
         assert 1 <= len(r.det) <= 4 and (r.det[:, 4] > 0.25).all()
@@ -257,3 +257,22 @@ def test_pt_weights_warm_up_on_the_first_frames_shape(weights, tmp_path, monkeyp
     assert seen == []  # not warmed up on the square --imgsz
     frames = list(det.frames())
     assert len(frames) == 2 and seen == [(64, 96)]  # once, on the first frame's letterboxed shape
+
+
+def test_detect_runs_the_predictors_code_and_names_its_flags(weights, tmp_path, caplog, monkeypatch):
+    from utils.infer.predictor import Predictor
+
+    src = make_images(tmp_path / "imgs", n=2, size=(80, 60))[0].parent
+    with caplog.at_level(logging.WARNING):
+        det = detect.Detector(detect.DetectOptions(weights=weights, source=src, imgsz=70, nosave=True,
+                                                   project=tmp_path / "r"))
+    assert "--imgsz 70 70 is not a multiple of the stride 16; using 80 80" in caplog.text and det.imgsz == (80, 80)
+    assert isinstance(det.predictor, Predictor) and det.predictor.backend is det.backend
+    calls = []
+    real = Predictor.postprocess
+    monkeypatch.setattr(Predictor, "postprocess", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    frames = list(det.frames())
+    assert len(frames) == 2 and len(calls) == 2  # one prediction path: detect.py's NMS is the predictor's
+    got = det.predictor(src)
+    for r, boxes in zip(frames, got.xyxy):
+        np.testing.assert_allclose(r.det, boxes.numpy(), rtol=1e-5, atol=1e-4)

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    CheckpointError,
+    foreign_format,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _ckpt() -> dict:
@@ -77,14 +84,40 @@ class _Evil:
 def test_pickled_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
     torch.save({"model": _Evil(), "yaml": {}, "names": []}, bad)
-    with pytest.raises(CheckpointError, match="refused unsafe content|unreadable"):
+    with pytest.raises(CheckpointError, match=r"refused unsafe content: global '(posix|nt)\.system' is not allowed\)"):
         load_checkpoint(bad)
+    assert foreign_format(bad) is None
+
+
+def test_truncated_reason_is_one_sentence(tmp_path):
+    p = save_checkpoint(_ckpt(), tmp_path / "good.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(cut)
+    assert str(e.value).startswith(f"{cut}: not a valid MobileYOLO checkpoint (unreadable or truncated: ")
+    assert "\n" not in str(e.value) and "internal" not in str(e.value)
+
+
+def test_ultralytics_checkpoint_gets_its_own_message(tmp_path, monkeypatch):
+    """A pickle of Ultralytics' classes (YOLOv8 and later) is named as such; nothing in it is loaded."""
+    cls = type("DetectionModel", (), {})
+    cls.__module__ = "ultralytics"
+    fake = types.ModuleType("ultralytics")
+    fake.DetectionModel = cls
+    monkeypatch.setitem(sys.modules, "ultralytics", fake)
+    f = tmp_path / "yolov8n.pt"
+    torch.save({"model": cls(), "train_args": {}}, f)
+    monkeypatch.delitem(sys.modules, "ultralytics")
+    assert foreign_format(f) == "ultralytics"
+    with pytest.raises(CheckpointError, match=r"yolov8n\.pt: an Ultralytics \(YOLOv8 or later\) checkpoint"):
+        load_checkpoint(f)
 
 
 def test_model_from_checkpoint_and_wrong_model(tmp_path):
+    from models.checkpoint import model_from_checkpoint
     from models.yolo import Model
     from tests.train_helpers import tiny_yaml
-    from models.checkpoint import model_from_checkpoint
 
     m = Model(tiny_yaml())
     ck = {"model": m.state_dict(), "ema": None, "yaml": m.yaml, "names": ["x", "y"], "stride": m.stride}

@@ -26,6 +26,8 @@ PARAMS = {
     "mobilenetv3-small-cls": 2_542_856,
     "mobilenetv3-small-yolo": 534_117,
     "mobilenetv3-large-yolo": 3_020_149,
+    "mobilenetv3-small-minimal-yolo": 294_765,
+    "mobilenetv3-large-minimal-yolo": 1_461_405,
     "yolov5s-mobilenetv3-large": 5_754_413,
     "shufflenetv2-yolo": 263_277,
 }
@@ -76,7 +78,22 @@ def test_every_row_comment_has_index_and_level() -> None:
             assert any(w.startswith(("P", "Detect(")) for w in comment[1:]), f"{path.name}: {ln!r}"
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3-small-yolo", "yolov5n", "shufflenetv2-yolo"])
+@pytest.mark.parametrize("name", ["mobilenetv3-small-minimal-yolo", "mobilenetv3-large-minimal-yolo"])
+def test_minimal_models_are_minimalistic(name: str) -> None:
+    """TF-slim `minimalistic=True`: ReLU only (no h-swish anywhere), no squeeze-excite, 3x3 depthwise convs."""
+    m = built(name)
+    kinds = {type(x).__name__ for x in m.modules()}
+    assert "Hardswish" not in kinds and "SELayer" not in kinds and "ReLU" in kinds
+    dw = [x for x in m.modules() if isinstance(x, nn.Conv2d) and x.groups > 1 and x.groups == x.in_channels]
+    assert dw and all(x.kernel_size == (3, 3) for x in dw)
+    full = built(name.replace("-minimal", ""))  # the same rows and taps as the h-swish/SE model
+    assert len(m.layers) == len(full.layers)
+    x = torch.zeros(1, 3, 64, 64)
+    assert [t.shape for t in m.eval()(x)] == [t.shape for t in full.eval()(x)]
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3-small-yolo", "mobilenetv3-small-minimal-yolo", "yolov5n",
+                                  "shufflenetv2-yolo"])
 def test_detector_raw_maps_train_and_eval(name: str) -> None:
     m = built(name)
     x = torch.rand(2, 3, 64, 96)

@@ -62,3 +62,11 @@ def cli_main(prog: str, main: Callable[[list[str] | None], Any], argv: list[str]
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return out if isinstance(out, int) and not isinstance(out, bool) else 0
+
+
+def yaml_error(yaml_file: object, e: BaseException) -> str:
+    """`file:line:column: not valid YAML (problem)` for a YAML parse error (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{yaml_file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(yaml_file)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{where}: not valid YAML ({problem})"

@@ -8,18 +8,21 @@ A data YAML is written as YOLOv5/Ultralytics users write it::
     test:                       # optional
     nc: 80                      # optional, checked against names
     names: [person, bicycle]    # list, or {0: person, 1: bicycle}
+    coco: true                  # optional: val.py's JSON uses COCO ids (default: when names are COCO's 80)
+    annotations: annotations/instances_val2017.json  # optional: official COCO JSON of `val` (relative to path)
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from utils.core.errors import UserError
+from utils.core.errors import UserError, yaml_error
 from utils.core.paths import ROOT
 
 LOGGER = logging.getLogger("mobileyolo.data")
@@ -41,6 +44,8 @@ class DataConfig:
     names: list[str]
     nc: int
     yaml_file: Path
+    coco: bool | None = None  # `coco: true/false`: COCO ids in val.py's JSON (None: decided from the names)
+    annotations: Path | None = None  # `annotations: file` (relative to path): official COCO JSON of `val`
 
 
 def _find_yaml(data: str | Path) -> Path:
@@ -76,13 +81,23 @@ def _same_int(value: Any, n: int) -> bool:
         return False
 
 
+def expand_path(value: str, key: str, yaml_file: Path) -> Path:
+    """`~` and `$VAR` / `${VAR}` expanded; a variable that is not set is a `DataConfigError` naming it."""
+    text = os.path.expandvars(os.path.expanduser(value.strip()))
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text)
+    if unset:
+        raise DataConfigError(f"{yaml_file}: '{key}' uses environment variable ${unset[0]}, which is not set "
+                              f"({value.strip()})")
+    return Path(text)
+
+
 def _resolve_split(raw: Any, key: str, root: Path, yaml_file: Path) -> list[Path]:
     entries = raw if isinstance(raw, (list, tuple)) else [raw]
     out = []
     for e in entries:
         if not isinstance(e, (str, Path)) or not str(e).strip():
             raise DataConfigError(f"{yaml_file}: '{key}' must be a folder, list of folders or .txt file, got {e!r}")
-        p = Path(str(e).strip()).expanduser()
+        p = expand_path(str(e), key, yaml_file)
         p = p if p.is_absolute() else root / p
         if not p.exists():
             raise DataConfigError(f"{yaml_file}: '{key}' path does not exist: {p}")
@@ -104,7 +119,7 @@ def check_dataset(data: str | Path | dict) -> DataConfig:
         try:
             cfg = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise DataConfigError(f"{yaml_file}: not valid YAML ({e})") from None
+            raise DataConfigError(yaml_error(yaml_file, e)) from None
     if not isinstance(cfg, dict):
         raise DataConfigError(f"{yaml_file}: expected a mapping with train/val/names keys")
     for key in ("train", "val", "names"):
@@ -115,15 +130,22 @@ def check_dataset(data: str | Path | dict) -> DataConfig:
         raise DataConfigError(f"{yaml_file}: 'names' is empty")
     if cfg.get("nc") is not None and not _same_int(cfg["nc"], len(names)):
         raise DataConfigError(f"{yaml_file}: nc={cfg['nc']} but 'names' has {len(names)} entries")
-    root = Path(str(cfg.get("path") or ".")).expanduser()
+    if not isinstance(cfg.get("path") or ".", (str, Path)):
+        raise DataConfigError(f"{yaml_file}: 'path' must be a folder name, got {cfg['path']!r}")
+    root = expand_path(str(cfg.get("path") or "."), "path", yaml_file)
     root = (root if root.is_absolute() else yaml_file.parent / root).resolve()
     if not root.is_dir():
         raise DataConfigError(f"{yaml_file}: 'path' folder does not exist: {root}")
-    test = cfg.get("test")
+    test, coco, anno = cfg.get("test"), cfg.get("coco"), cfg.get("annotations")
+    if coco is not None and not isinstance(coco, bool):
+        raise DataConfigError(f"{yaml_file}: 'coco' must be true or false, got {coco!r}")
+    if anno is not None and (not isinstance(anno, str) or not anno.strip()):
+        raise DataConfigError(f"{yaml_file}: 'annotations' must be the path of a COCO JSON file, got {anno!r}")
     return DataConfig(path=root, train=_resolve_split(cfg["train"], "train", root, yaml_file),
                       val=_resolve_split(cfg["val"], "val", root, yaml_file),
                       test=_resolve_split(test, "test", root, yaml_file) if test else None,
-                      names=names, nc=len(names), yaml_file=yaml_file)
+                      names=names, nc=len(names), yaml_file=yaml_file, coco=coco,
+                      annotations=root / expand_path(anno, "annotations", yaml_file) if anno else None)
 
 
 def _read_list(txt: Path) -> list[Path]:
@@ -186,7 +208,7 @@ def load_hyp(path: str | Path | None = None) -> dict:
     try:
         hyp = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DataConfigError(f"{p}: not valid YAML ({e})") from None
+        raise DataConfigError(yaml_error(p, e)) from None
     if not isinstance(hyp, dict):
         raise DataConfigError(f"{p}: expected a mapping of hyper-parameters")
     return hyp

@@ -22,7 +22,7 @@ from utils.data import augment as A
 from utils.data.data_yaml import IMG_FORMATS, LOGGER, DataConfigError, list_image_files, load_hyp
 from utils.data.images import read_image, resize_long_side
 from utils.data.letterbox import letterbox
-from utils.data.scan import scan_images
+from utils.data.scan import scan_images, skip_note
 
 Shapes = tuple[tuple[int, int], tuple[tuple[float, float], tuple[float, float]]] | None
 
@@ -43,7 +43,8 @@ class YoloDataset(Dataset):
 
     Attributes: `im_files: list[str]`, `labels: list[np.ndarray [n, 5] float32 (cls, cx, cy, w, h)]`
     normalised to the original (displayed) image, `shapes: np.ndarray [n, 2] (w, h)`, `nc`,
-    `batch_shapes` ([nb, 2] (h, w), rect only). Item: `(img uint8 [3, H, W] RGB, targets float32 [n, 6]
+    `batch_shapes` ([nb, 2] (h, w), rect only), `skip_note` (what the scan skipped, e.g.
+    '3 images skipped: see above', or ''). Item: `(img uint8 [3, H, W] RGB, targets float32 [n, 6]
     (0, cls, cx, cy, w, h) normalised to H, W, path, shapes)` with shapes = ((h0, w0), ((rh, rw),
     (padw, padh))) in val mode, or None for a training item (mosaic has no single original).
     """
@@ -60,7 +61,9 @@ class YoloDataset(Dataset):
         where = ", ".join(map(str, sources)) if isinstance(sources, (list, tuple)) else str(sources)
         if not files:
             raise DataConfigError(f"{prefix}no images ({', '.join(IMG_FORMATS)}) found in {where}")
-        res = scan_images(files, nc=nc, prefix=prefix)
+        srcs = [Path(x) for x in (sources if isinstance(sources, (list, tuple)) else [sources])]
+        res = scan_images(files, nc=nc, prefix=prefix, folders=[x for x in srcs if x.is_dir()])
+        self.skip_note = skip_note(res)  # '3 images skipped: see above' or '', for the run's summary
         if not res.im_files:
             raise DataConfigError(f"{prefix}no usable image in {where}: all {res.n_corrupt} are corrupt")
         if (augment if require_labels is None else require_labels) and not any(len(lb) for lb in res.labels):

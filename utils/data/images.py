@@ -7,6 +7,7 @@ of `IMREAD_COLOR` as 3-channel uint8.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,9 @@ from utils.core.errors import UserError
 
 MIN_SIDE = 10  # pixels; smaller images carry no usable object and are skipped
 MIN_DECODED = 0.5  # a truncated JPEG is kept only when at least this share of its rows decodes
+# Largest image decoded (w * h; about 537 MB as 8-bit BGR): PIL's own decompression-bomb limit. Larger
+# images (e.g. 20000 x 20000) are refused from their header, before any pixel is decoded.
+MAX_PIXELS = 178_956_970
 _ORIENT_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
@@ -32,20 +36,43 @@ def _exif_orientation(im: Image.Image) -> int:
         return 1
 
 
+class _TooLarge(Exception):
+    """An image over MAX_PIXELS (message names the file and the size)."""
+
+
+def _too_large(p: Path, size: str, pixels: int) -> str:
+    return (f"{p}: image is {size}{pixels / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit; "
+            f"not decoded (downscale it first)")
+
+
+def _header(p: Path) -> tuple[int, int, str, int]:
+    """(w, h as stored, PIL format, EXIF orientation) from the header; `_TooLarge` for a huge image."""
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            fmt, orient = (im.format or "").upper(), _exif_orientation(im)
+    except Image.DecompressionBombError as e:  # PIL refuses from the header, before reading pixels
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise _TooLarge(_too_large(p, "", int(m.group(1)) if m else MAX_PIXELS + 1)) from None
+    if w * h > MAX_PIXELS:
+        raise _TooLarge(_too_large(p, f"{w}x{h} = ", w * h))
+    return w, h, fmt, orient
+
+
 def verify_image(path: str | Path) -> tuple[tuple[int, int] | None, str]:
     """Check one image -> ((w, h) as displayed, warning) when usable, or (None, reason) when not.
 
     Reads the header (PIL), not the pixels, except for a JPEG that lacks its end marker: that one is
     decoded and kept only when its pixels are not blank (OpenCV reads truncated JPEGs tolerantly).
+    Images over `MAX_PIXELS` are refused from their header.
     """
     p = Path(path)
     try:
         if p.stat().st_size == 0:
             return None, f"{p}: zero-byte file; image skipped"
-        with Image.open(p) as im:
-            w, h = im.size
-            fmt = (im.format or "").upper()
-            orient = _exif_orientation(im)
+        w, h, fmt, orient = _header(p)
+    except _TooLarge as e:
+        return None, f"{e}; image skipped"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         return None, f"{p}: not a readable image ({type(e).__name__}: {e}); image skipped"
     if orient in _ORIENT_TRANSPOSED:
@@ -92,8 +119,17 @@ def read_image(path: str | Path, max_side: int | None = None, size_hint: tuple[i
 
     With `max_side` and the displayed size `size_hint` (w, h), JPEGs at least 2x larger than needed are
     decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, much faster); the caller still resizes to
-    the exact size. Raises ImageReadError naming the file when it cannot be decoded.
+    the exact size. Raises ImageReadError naming the file when it cannot be decoded. Without
+    `size_hint` (an image the scan has not checked) the header is read first, and an image over
+    `MAX_PIXELS` is refused before any pixel is decoded.
     """
+    if size_hint is None:
+        try:
+            _header(Path(path))
+        except _TooLarge as e:
+            raise ImageReadError(str(e)) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            pass  # PIL cannot read it; OpenCV may (or reports it below)
     flag = cv2.IMREAD_COLOR
     if max_side and size_hint and Path(path).suffix.lower() in (".jpg", ".jpeg"):
         long_side = max(size_hint)

@@ -33,7 +33,8 @@ class ScanResult:
     labels: list[np.ndarray]
     shapes: np.ndarray  # [n, 2] int (w, h)
     n_background: int = 0
-    n_corrupt: int = 0
+    n_corrupt: int = 0  # images skipped (unreadable, too small, too large, unreadable label file)
+    n_rows_dropped: int = 0  # label rows dropped (each named in msgs)
     msgs: list[str] = field(default_factory=list)
     from_cache: bool = False
 
@@ -50,9 +51,9 @@ def files_hash(im_files: list[str]) -> str:
         for p in (f, img2label_path(f)):
             try:
                 st = os.stat(p)
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode(errors="surrogateescape"))  # non-UTF-8 names
             except OSError:
-                h.update(f"{p}|-\n".encode())
+                h.update(f"{p}|-\n".encode(errors="surrogateescape"))
     return h.hexdigest()
 
 
@@ -71,15 +72,48 @@ def _check_one(im_file: str) -> tuple[str, tuple[int, int] | None, list, list[st
 
 
 def _load_cache(path: Path, key: str) -> dict | None:
+    """The cache at `path` when it is current; None (with a warning naming why, unless it is absent)."""
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
-        if cache.get("version") == CACHE_VERSION and cache.get("hash") == key and isinstance(cache.get("entries"), list):
-            return cache
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         LOGGER.warning("%s: scan cache unreadable (%s); rebuilding", path, e)
+        return None
+    if not isinstance(cache, dict) or not isinstance(cache.get("entries"), list):
+        why = "not a scan cache (no entries)"
+    elif cache.get("version") != CACHE_VERSION:
+        why = f"written by another version ({cache.get('version')!r}, this is {CACHE_VERSION})"
+    elif cache.get("hash") != key:
+        why = "stale (images or labels changed since it was written)"
+    else:
+        return cache
+    LOGGER.warning("%s: scan cache %s; rebuilding", path, why)
     return None
+
+
+def orphan_labels(folders: list[Path], im_files: list[str]) -> list[str]:
+    """Warnings for label files that match no image: one per image folder in `folders` whose `labels`
+    twin (`images/train` -> `labels/train`) holds `.txt` files no file in `im_files` maps to."""
+    have = {img2label_path(f) for f in im_files}
+    msgs = []
+    for folder in folders:
+        folder = Path(os.path.abspath(folder))
+        lab_dir = Path(img2label_path(str(folder / "_.jpg"))).parent
+        if not folder.is_dir() or lab_dir == folder or not lab_dir.is_dir():
+            continue  # a .txt list, or labels beside the images (other .txt files may live there)
+        orphans = sorted(p.name for p in lab_dir.rglob("*.txt") if str(p) not in have)
+        if orphans:
+            shown = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+            msgs.append(f"{lab_dir}: {len(orphans)} label file(s) match no image in {folder} ({shown}); ignored")
+    return msgs
+
+
+def skip_note(res: ScanResult) -> str:
+    """`'3 images skipped, 2 label rows dropped: see above'` for a scan, or '' when nothing was."""
+    parts = [f"{n} {what}{'s' if n != 1 else ''} {verb}" for n, what, verb in
+             ((res.n_corrupt, "image", "skipped"), (res.n_rows_dropped, "label row", "dropped")) if n]
+    return f"{', '.join(parts)}: see above" if parts else ""
 
 
 def _save_cache(path: Path, cache: dict) -> None:
@@ -93,10 +127,12 @@ def _save_cache(path: Path, cache: dict) -> None:
 
 
 def scan_images(im_files: list[str], nc: int | None = None, prefix: str = "", use_cache: bool = True,
-                workers: int = 8) -> ScanResult:
-    """Check images and labels (or load the cache); print `N images, M backgrounds, K corrupt`.
+                workers: int = 8, folders: list[Path] | None = None) -> ScanResult:
+    """Check images and labels (or load the cache); print `N images, M backgrounds, K corrupt, W warnings`
+    and, when anything was skipped, `K images skipped, R label rows dropped: see above`.
 
     Each problem is logged once as a warning naming the file (and line). Corrupt images are dropped.
+    `folders`: the image folders the files came from, checked for label files that match no image.
     """
     if not im_files:
         return ScanResult([], [], np.zeros((0, 2), int))
@@ -131,9 +167,11 @@ def scan_images(im_files: list[str], nc: int | None = None, prefix: str = "", us
         shapes.append(shape)
         res.n_background += len(lab) == 0
     res.shapes = np.array(shapes, int).reshape(-1, 2)
+    res.n_rows_dropped = sum(m.endswith("; row dropped") for m in res.msgs)
+    res.msgs += orphan_labels(folders or [], im_files)
     for m in res.msgs:
         LOGGER.warning("%s%s", prefix, m)
     src = f"cache {cpath}" if from_cache else f"scanned {cpath.with_suffix('')}"
     print(f"{prefix}{src}: {len(res.im_files)} images, {res.n_background} backgrounds, "
-          f"{res.n_corrupt} corrupt, {len(res.msgs)} warnings")
+          f"{res.n_corrupt} corrupt, {len(res.msgs)} warnings" + (f"; {skip_note(res)}" if skip_note(res) else ""))
     return res

@@ -12,10 +12,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.eval.coco import run_cocoeval, save_coco_json
+from utils.core.errors import first_line
+from utils.eval.coco import image_ids, run_cocoeval, save_coco_json, score_official
 from utils.eval.confusion import ConfusionMatrix
 from utils.eval.metrics import Metrics, compute_metrics
-from utils.eval.plots import plot_conf_curves, plot_confusion_matrix, plot_pr_curve, plot_val_pairs
+from utils.eval.plots import (
+    plot_conf_curves,
+    plot_confusion_matrix,
+    plot_pr_curve,
+    plot_val_pairs,
+)
 from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.ops.decode import decode
 from utils.ops.nms import non_max_suppression
@@ -118,19 +124,24 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
              max_det: int = 300, device: str | torch.device = "cpu", save_dir: Path | None = None,
              plots: bool = False, verbose: bool = False, loss_fn=None, half: bool = False,
              single_cls: bool = False, save_txt: bool = False, save_conf: bool = False,
-             save_json: bool = False) -> Metrics:
+             save_json: bool = False, coco80: bool = False, anno_json: str | Path | None = None) -> Metrics:
     """Run `model` over `dataloader` batches (see docs/CONTRACTS.md) and score it -> `Metrics`.
 
     `model`: callable on float `[B, 3, H, W]` in 0..1 returning raw maps or decoded `[B, N, 5+nc]`.
     Boxes are mapped back to original images with the batch `shapes`; metrics are in original pixels.
     `loss_fn(maps, targets) -> (loss, parts[3])` gives `Metrics.loss` (mean parts) when maps are raw.
     With `save_dir`: `plots` writes PR/F1/P/R curves, the confusion matrix and GT|prediction pairs;
-    `save_txt` YOLO label files (`save_conf` adds the score); `save_json` COCO JSON + pycocotools summary.
+    `save_txt` YOLO label files (`save_conf` adds the score); `save_json` COCO JSON + pycocotools summary
+    (`utils.eval.coco`: `coco80` writes COCO's image and category ids; with `anno_json`, an official
+    annotation file, pycocotools scores against it and `map50`/`map` become its figures, as YOLOv5 does;
+    the printed table keeps ours, and both are printed side by side).
     Prints the results table. Speed is milliseconds per image (pre-process, inference incl. decode, NMS).
     """
 
     if (plots or save_txt or save_json) and save_dir is None:
         raise ValueError("evaluate: plots/save_txt/save_json need a save_dir")
+    if save_json and coco80 and not single_cls and len(names) != 80:
+        raise ValueError(f"evaluate: coco80 (COCO category ids) needs the 80 COCO classes, got {len(names)} names")
     device = torch.device(device)
     nc = 1 if single_cls else len(names)
     names = ["item"] if single_cls else list(names)
@@ -146,7 +157,8 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
         labels_dir.mkdir(parents=True, exist_ok=True)
     preds, gts, shapes0, files = [], [], [], []
     dt, loss_sum, nb = np.zeros(3), torch.zeros(3), 0
-    nms_kw = dict(conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True, agnostic=single_cls, max_det=max_det)
+    nms_kw = {"conf_thres": conf_thres, "iou_thres": iou_thres, "multi_label": True, "agnostic": single_cls,
+              "max_det": max_det}
     try:
         batches = _run_batches(model, tqdm(dataloader, desc=HEADER, leave=False), device, use_half, loss_fn, nms_kw)
         for bi, (imgs, targets, paths, shapes, hw, dets, times, parts) in enumerate(batches):
@@ -173,13 +185,38 @@ def evaluate(model, dataloader, names: list[str], conf_thres: float = 0.001, iou
     if plots:
         _finish_plots(m, cm, names, Path(save_dir))
     if save_json:
-        m.coco_stats = _coco_json(preds, gts, shapes0, files, names, Path(save_dir))
+        _coco_json(m, preds, gts, shapes0, files, names, Path(save_dir), coco80 and not single_cls, anno_json)
     return m
 
 
-def _coco_json(preds: list, gts: list, shapes0: list, files: list[str], names: list[str],
-               save_dir: Path) -> np.ndarray:
-    """Write predictions.json + gt_coco.json and print pycocotools' summary; returns its 12 stats."""
-    gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, save_dir, files)
-    print(f"COCO JSON: {pred_json} (detections), {gt_json} (ground truth); pycocotools:")
-    return run_cocoeval(gt_json, pred_json, verbose=True)
+def _coco_json(m: Metrics, preds: list, gts: list, shapes0: list, files: list[str], names: list[str],
+               save_dir: Path, coco80: bool, anno_json: str | Path | None) -> None:
+    """Write predictions.json + gt_coco.json, print pycocotools' summary and the mAP comparison; fill
+    `m.coco_stats` (and `m.map50`, `m.map` when the official `anno_json` scored them)."""
+    gt_json, pred_json = save_coco_json(preds, gts, shapes0, names, save_dir, files, coco80)
+    ids = image_ids(len(preds), files, coco80)
+    ids_note = "image ids from file stems, COCO category ids" if coco80 else "image ids 0.., class indices"
+    print(f"COCO JSON ({ids_note}): {pred_json} (detections), {gt_json} (ground truth from the labels)")
+    if coco80 and len(set(ids)) < len(ids):
+        seen: set = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        print(f"WARNING: COCO image ids repeat: {len(ids) - len(set(ids))} images have the file stem of an earlier "
+              f"one (e.g. {dup!r}), so pycocotools merges them")
+    stats, source = None, None
+    if anno_json is not None:
+        print(f"pycocotools against {anno_json}:")
+        stats, source = score_official(pred_json, anno_json, ids), Path(anno_json)
+    if stats is None:
+        if anno_json is not None:
+            print(f"pycocotools against {gt_json.name} (ground truth from the labels) instead:")
+        try:
+            stats, source = run_cocoeval(gt_json, pred_json, verbose=True), gt_json
+        except Exception as e:  # noqa: BLE001 - e.g. mixed int/str image ids; report, keep our figures
+            print(f"WARNING: pycocotools failed on {gt_json} ({type(e).__name__}: {first_line(e)})")
+            return
+    m.coco_stats = stats
+    print(("%22s" + "%11s" * 2) % ("", "mAP50", "mAP50-95"))
+    print(("%22s" + "%11.3g" * 2) % ("MobileYOLO", m.map50, m.map))
+    print(("%22s" + "%11.3g" * 2 + "  (%s)") % ("pycocotools", stats[1], stats[0], source.name))
+    if source != gt_json and stats[0] >= 0:
+        m.map50, m.map = float(stats[1]), float(stats[0])

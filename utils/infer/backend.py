@@ -1,8 +1,9 @@
-"""One inference front for every model format: our `.pt` checkpoints, `.torchscript` and `.onnx` exports.
+"""One inference front for every model format: `.pt` checkpoints and every export of `export.py`.
 
-`DetectBackend(weights)` loads the file by suffix and recovers the class names, the largest stride and
-the image size from the file itself (checkpoint keys, TorchScript `config.json` extra file, ONNX
-`metadata_props`). Calling it on a float `[B, 3, H, W]` batch in 0..1 returns the decoded
+`DetectBackend(weights)` loads the file (or export folder) by suffix and recovers the class names, the
+largest stride and the image size from the file itself (checkpoint keys, TorchScript `config.json` extra
+file, ONNX `metadata_props`, a folder's `metadata.yaml`). Formats other than .pt and TorchScript run
+through one runner class each in `utils/infer/formats/` (docs/CONTRACTS.md, "Formats"). Calling it on a float `[B, 3, H, W]` batch in 0..1 returns the decoded
 `[B, N, 5 + nc]` tensor (columns cx, cy, w, h in network-input pixels, obj, class probabilities; see
 `utils.ops.decode.decode`), whatever the format, so detect.py and val.py never branch on it.
 
@@ -21,20 +22,44 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from utils.core.errors import UserError
 from utils.core.errors import first_line as _first_line
 from utils.export.metadata import METADATA_FILE, parse_metadata
 from utils.infer.compiled import CompiledDecoder
-from utils.infer.runtime import physical_cores
+from utils.infer.formats.common import BackendError
+from utils.infer.formats.executorch import ExecuTorchRunner
+from utils.infer.formats.ncnn import NCNNRunner
+from utils.infer.formats.onnxrt import ONNXRunner
+from utils.infer.formats.openvino import OpenVINORunner
+from utils.infer.formats.tflite import TFLiteRunner
 from utils.ops.decode import Decoder, decode
+
+__all__ = ["BackendError", "DetectBackend", "format_of"]
 
 PT_SUFFIXES = (".pt", ".pth")
 TS_SUFFIXES = (".torchscript", ".ts")
 ONNX_SUFFIXES = (".onnx",)
+# format -> (folder name ending, file suffixes); the runner classes are in RUNNERS
+RUNNER_FORMATS = {"onnx": ("", ONNX_SUFFIXES), "openvino": ("_openvino_model", (".xml",)),
+                  "ncnn": ("_ncnn_model", (".param",)), "tflite": ("", (".tflite",)),
+                  "executorch": ("", (".pte",))}
+RUNNERS: dict[str, type] = {"onnx": ONNXRunner, "openvino": OpenVINORunner, "ncnn": NCNNRunner,
+                            "tflite": TFLiteRunner, "executorch": ExecuTorchRunner}
+ALL_SUFFIXES = PT_SUFFIXES + TS_SUFFIXES + tuple(s for _, sfx in RUNNER_FORMATS.values() for s in sfx)
 
 
-class BackendError(UserError, ValueError):
-    """A weights file that is missing, of an unknown type, or not a MobileYOLO model."""
+def format_of(path: str | Path) -> str | None:
+    """The format a weights path names ('pt', 'torchscript', 'onnx', 'openvino', 'ncnn', 'tflite',
+    'executorch'), from its suffix or its export-folder name; None when unknown."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PT_SUFFIXES:
+        return "pt"
+    if suffix in TS_SUFFIXES:
+        return "torchscript"
+    for fmt, (folder, suffixes) in RUNNER_FORMATS.items():
+        if suffix in suffixes or (folder and path.name.endswith(folder)):
+            return fmt
+    return None
 
 
 def _parse_metadata(meta: dict[str, Any], file: Path) -> dict[str, Any]:
@@ -46,13 +71,15 @@ def _parse_metadata(meta: dict[str, Any], file: Path) -> dict[str, Any]:
 
 
 class DetectBackend:
-    """Load `weights` (.pt/.pth checkpoint, .torchscript, .onnx) for CPU inference.
+    """Load `weights` (.pt/.pth checkpoint, .torchscript, .onnx, an `*_openvino_model/` folder or `.xml`,
+    an `*_ncnn_model/` folder or `.param`, `.tflite`, `.pte`) for CPU inference.
 
-    Attributes: `fmt` ('pt', 'torchscript', 'onnx'), `names: list[str]`, `nc`, `stride: int` (largest),
+    Attributes: `fmt` ('pt', 'torchscript', 'onnx', 'openvino', 'ncnn', 'tflite', 'executorch'),
+    `runner` (the `utils/infer/formats` runner of the last five), `names: list[str]`, `nc`, `stride: int` (largest),
     `imgsz: tuple[int, int]` (h, w: the export size, or the training size for checkpoints),
     `dynamic: bool` (any input size multiple of `stride` works; False for fixed-shape exports, which
     need exactly `imgsz`), `batch: int | None` (fixed batch of a static export, else None).
-    `threads` sets ONNX Runtime's intra-op threads (default: physical cores); torch's threads are the
+    `threads` sets the runtime's threads (ONNX Runtime default: physical cores); torch's threads are the
     process's own setting (`utils.infer.runtime.apply_policy`, called by the scripts' `main()`).
     `spin`: whether ONNX Runtime's threads spin-wait between ops inside a run (its own default); they
     stop spinning when each run ends, so NMS and drawing get the cores back. Pass False on a machine
@@ -71,24 +98,24 @@ class DetectBackend:
         self.spin = bool(spin)
         self._compiled, self._compile = None, False  # utils.infer.compiled.CompiledDecoder once built
         self.file = Path(weights)
-        if not self.file.is_file():
+        if not self.file.exists():
             raise BackendError(f"{self.file}: weights file not found")
         if threads is not None and int(threads) < 1:
             raise BackendError(f"threads must be >= 1, got {threads}")
         self.threads = int(threads) if threads else None
-        suffix = self.file.suffix.lower()
         self.batch: int | None = None
         self.dynamic = True
-        if suffix in PT_SUFFIXES:
+        fmt = format_of(self.file)
+        if fmt is None or (self.file.is_dir() and fmt in ("pt", "torchscript")):
+            raise BackendError(f"{self.file}: unknown weights type '{self.file.suffix or self.file.name}'; expected "
+                               f"one of {', '.join(ALL_SUFFIXES)} or an *_openvino_model / *_ncnn_model folder")
+        if fmt == "pt":
             self._load_pt(fuse)
             self._compile = fuse and compile
-        elif suffix in TS_SUFFIXES:
+        elif fmt == "torchscript":
             self._load_torchscript()
-        elif suffix in ONNX_SUFFIXES:
-            self._load_onnx()
         else:
-            raise BackendError(f"{self.file}: unknown weights type '{suffix}'; expected one of "
-                               f"{', '.join(PT_SUFFIXES + TS_SUFFIXES + ONNX_SUFFIXES)}")
+            self._load_runner(fmt)
         self.nc = len(self.names)
 
     # ---- loaders -------------------------------------------------------------------------------
@@ -134,32 +161,21 @@ class DetectBackend:
         self._apply_metadata(_parse_metadata(meta, self.file))
         self.fmt = "torchscript"
 
-    def _load_onnx(self) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self.threads or physical_cores()
-        # Spinning threads answer the next op sooner, but left spinning after a run they steal the cores
-        # from our own NMS and drawing (docs/PERFORMANCE.md), hence the stop after each run.
-        self.session_config = ({"session.force_spinning_stop": "1"} if self.spin
-                               else {"session.intra_op.allow_spinning": "0"})
-        for key, value in self.session_config.items():
-            opts.add_session_config_entry(key, value)
-        opts.log_severity_level = 3  # errors only; ORT's warnings about initializers are noise here
-        try:
-            self.session = ort.InferenceSession(str(self.file), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for invalid protobufs
-            raise BackendError(f"{self.file}: not a valid ONNX model ({_first_line(e)})") from None
-        self._apply_metadata(_parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.file))
-        inp, outs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inp) != 1 or len(outs) != 1 or len(inp[0].shape) != 4 or len(outs[0].shape) != 3:
-            raise BackendError(f"{self.file}: expected one [b,3,h,w] input and one [b,N,5+nc] output")
-        self.input_name, self.output_name = inp[0].name, outs[0].name
-        b, _, h, w = inp[0].shape
-        self.dynamic = not all(isinstance(d, int) for d in (h, w))
-        self.batch = b if isinstance(b, int) else None
-        self.fmt = "onnx"
+    def _load_runner(self, fmt: str) -> None:
+        if fmt not in RUNNERS:
+            raise BackendError(f"{self.file}: {fmt} exports are not supported by this version")
+        if fmt == "onnx":
+            self.runner = ONNXRunner(self.file, self.threads, spin=self.spin)
+            self.session, self.session_config = self.runner.session, self.runner.session_config
+        else:
+            self.runner = RUNNERS[fmt](self.file, self.threads)
+        self._apply_metadata(_parse_metadata(self.runner.metadata, self.runner.file))
+        self.dynamic, self.batch, self.fmt = bool(self.runner.dynamic), self.runner.batch, fmt
+        if fmt == "onnx":  # another model's graph under our metadata: channels in or 5 + nc out disagree
+            i_shape, o_shape = self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape
+            if any(isinstance(g, int) and g != w for g, w in ((i_shape[1], 3), (o_shape[2], 5 + len(self.names)))):
+                raise BackendError(f"{self.file}: input {i_shape} / output {o_shape} do not fit its metadata "
+                                   f"([b, 3, h, w] in, [b, N, 5 + {len(self.names)}] out): another model's graph")
 
     def _apply_metadata(self, meta: dict[str, Any]) -> None:
         self.names = [str(n) for n in meta["names"]]
@@ -189,8 +205,8 @@ class DetectBackend:
         """
         self.check_input(x)
         x = x.float()
-        if self.fmt == "onnx":
-            return self._run_onnx(x)
+        if self.fmt in RUNNERS:
+            return self._run_runner(x)
         if self.fmt == "pt":
 
             model = self.model.model
@@ -229,10 +245,10 @@ class DetectBackend:
         """Whether every input should be letterboxed to exactly `imgsz` (see the class docstring)."""
         return not self.dynamic or self.compiled
 
-    def _run_onnx(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_runner(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
         if self.batch is None or arr.shape[0] == self.batch:
-            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: arr})[0])
+            return torch.from_numpy(np.asarray(self.runner(arr), dtype=np.float32))
         # a fixed-batch export: run in chunks of its batch size, padding the last one
         outs, n = [], arr.shape[0]
         for i in range(0, n, self.batch):
@@ -240,7 +256,7 @@ class DetectBackend:
             if chunk.shape[0] < self.batch:
                 pad = np.zeros((self.batch - chunk.shape[0], *chunk.shape[1:]), dtype=np.float32)
                 chunk = np.concatenate((chunk, pad))
-            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0])
+            outs.append(self.runner(chunk))
         return torch.from_numpy(np.concatenate(outs)[:n])
 
     def warmup(self, imgsz: tuple[int, int] | None = None) -> None:

@@ -2,15 +2,19 @@
 
 `LoadSource(source, vid_stride)` iterates `Frame`s one at a time (nothing is kept between frames, so
 memory stays flat over long videos). Images are decoded with OpenCV (EXIF orientation applied); an
-unreadable image is skipped with a warning naming it, unless it is the whole source. A video that cannot
-be opened, a folder with no images or videos, a missing path, a `.txt` list that names nothing usable, or
-a single image that cannot be read raise `SourceError`.
+unreadable image is skipped with a warning naming it, unless it is the whole source; a video that stops
+before its reported frame count keeps the frames read so far and names where it broke. `skipped_note()`
+counts both for the run's summary. A video that cannot be opened, a camera index with no camera, a stream
+that does not answer within `stream_timeout()` seconds, a folder with no images or videos, a missing
+path, a `.txt` list that names nothing usable, or a single image that cannot be read raise `SourceError`.
 """
 from __future__ import annotations
 
 import glob
 import logging
 import math
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,20 @@ LOGGER = logging.getLogger("mobileyolo.sources")
 VID_FORMATS = ("mp4", "avi", "mkv", "mov", "m4v", "mpeg", "mpg", "wmv", "webm", "ts", "gif", "asf")
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 DEFAULT_FPS = 30.0  # used when a stream or a file does not report its frame rate
+TIMEOUT_ENV = "MOBILEYOLO_STREAM_TIMEOUT"  # seconds a stream may take to open or to deliver a frame
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def stream_timeout() -> float:
+    """Seconds a stream URL may take to open or to send the next frame: `$MOBILEYOLO_STREAM_TIMEOUT`, else 10."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise SourceError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SourceError(f"{TIMEOUT_ENV}={raw!r}: expected seconds (a number > 0)")
+    return value
 
 
 class SourceError(UserError, ValueError):
@@ -75,7 +93,38 @@ def is_stream(source: str) -> bool:
 
 
 def _media_files(paths: list[Path]) -> list[Path]:
-    return [p for p in paths if p.is_file() and _suffix(p) in IMG_FORMATS + VID_FORMATS]
+    """Images and videos among `paths`, each real file once (symlinks to one file count once)."""
+    seen, out = set(), []
+    for p in paths:
+        if p.is_file() and _suffix(p) in IMG_FORMATS + VID_FORMATS:
+            real = os.path.realpath(p)
+            if real not in seen:
+                seen.add(real)
+                out.append(p)
+    return out
+
+
+def _glob(pattern: str) -> list[Path]:
+    """`glob` with `**` walking each real folder once: a symlink loop (`a/up -> ..`) neither repeats files
+    nor recurses without end. Patterns with `**` elsewhere than one folder step fall back to `glob`."""
+    head, sep, tail = pattern.partition("**")
+    tail = tail.lstrip("/" + os.sep)
+    if not sep or glob.has_magic(head) or "**" in tail:
+        return [Path(f) for f in sorted(glob.glob(pattern, recursive=True))]
+    top, seen, loops, out = head.rstrip("/" + os.sep) or ".", set(), [], []
+    for root, dirs, _ in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            loops.append(root)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += sorted(glob.glob(os.path.join(glob.escape(root), tail or "*")))
+    if loops:
+        LOGGER.warning(f"{top}: {len(loops)} folder(s) reached again through symlinks (a loop?), e.g. {loops[0]}; "
+                       f"each folder is searched once")
+    return [Path(f) for f in out]
 
 
 def _read_list(txt: Path) -> list[Path]:
@@ -114,7 +163,7 @@ def resolve_source(source: str | Path) -> list[str]:
         return [s]
     p = Path(s).expanduser()
     if any(c in s for c in "*?["):
-        files = _media_files([Path(f) for f in sorted(glob.glob(s, recursive=True))])
+        files = _media_files(_glob(s))
         what = f"glob '{s}'"
     elif p.is_dir():
         files = _media_files(sorted(p.iterdir()))
@@ -136,10 +185,29 @@ def resolve_source(source: str | Path) -> list[str]:
     return [str(f) for f in files]
 
 
-def _open_capture(path: str) -> cv2.VideoCapture:
-    cap = cv2.VideoCapture(int(path) if path.isdigit() else path)
+def _open_capture(path: str, timeout_s: float | None = None) -> cv2.VideoCapture:
+    """An opened capture; `SourceError` naming the file, camera or stream (a stream gets `timeout_s` to answer)."""
+    if path.isdigit():
+        cap = cv2.VideoCapture(int(path))
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"camera {path}: no such camera, or it is in use (OpenCV could not open it; "
+                              f"on Linux check /dev/video{path})")
+        return cap
+    t0 = time.monotonic()
+    if is_stream(path):
+        ms = int((timeout_s or stream_timeout()) * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, params)
+    else:
+        cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         cap.release()
+        if is_stream(path):
+            took = time.monotonic() - t0
+            how = (f"stream unreachable, no answer within {took:.0f} s (the limit; set {TIMEOUT_ENV} to change it)"
+                   if took >= 0.9 * (timeout_s or stream_timeout()) else "connection refused or not a video stream")
+            raise SourceError(f"{path}: could not open video/stream: {how}")
         raise SourceError(f"{path}: could not open video/stream with OpenCV (missing codec, bad file or "
                           f"unreachable stream)")
     return cap
@@ -152,10 +220,12 @@ class LoadSource:
     are unbounded) and is meant for progress bars; it can over-count when frames fail to decode.
     """
 
-    def __init__(self, source: str | Path, vid_stride: int = 1) -> None:
+    def __init__(self, source: str | Path, vid_stride: int = 1, timeout_s: float | None = None) -> None:
         if int(vid_stride) < 1:
             raise SourceError(f"--vid-stride must be >= 1, got {vid_stride}")
         self.vid_stride = int(vid_stride)
+        self.timeout_s = timeout_s  # streams: seconds to open / per frame (None: stream_timeout())
+        self.skipped = {"image": 0, "frame": 0, "video": 0}  # skipped images/frames, videos cut short
         self.items = resolve_source(source)
         self.kinds = ["stream" if is_stream(s) else "video" if _suffix(s) in VID_FORMATS else "image"
                       for s in self.items]
@@ -168,7 +238,7 @@ class LoadSource:
     def _expected(self, item: str, kind: str) -> int:
         if kind == "image":
             return 1
-        cap = _open_capture(item)  # fail early, before any output is written
+        cap = _open_capture(item, self.timeout_s)  # fail early, before any output is written
         n = 0 if kind == "stream" else int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         cap.release()
         return math.ceil(max(n, 0) / self.vid_stride)
@@ -176,10 +246,11 @@ class LoadSource:
     def __len__(self) -> int:
         return sum(self._counts)
 
-    @property
-    def has_stream(self) -> bool:
-        """True when an unbounded source (webcam or stream) is part of the input."""
-        return "stream" in self.kinds
+    def skipped_note(self) -> str:
+        """`'2 images skipped, 1 video cut short: see above'` so far, or '' when nothing was."""
+        parts = [f"{n} {what}{'s' if n != 1 else ''} {'cut short' if what == 'video' else 'skipped'}"
+                 for what, n in self.skipped.items() if n]
+        return f"{', '.join(parts)}: see above" if parts else ""
 
     def __iter__(self) -> Iterator[Frame]:
         for item, kind in zip(self.items, self.kinds):
@@ -189,12 +260,13 @@ class LoadSource:
                 except ImageReadError as e:
                     if len(self.items) == 1:
                         raise  # nothing else to run on: one line at the command line, not an empty run
+                    self.skipped["image"] += 1
                     LOGGER.warning(f"{e}; skipped")
             else:
                 yield from self._video_frames(item, kind)
 
     def _video_frames(self, path: str, kind: str) -> Iterator[Frame]:
-        cap = _open_capture(path)
+        cap = _open_capture(path, self.timeout_s)
         try:
             fps = cap.get(cv2.CAP_PROP_FPS)
             fps = float(fps) if fps and math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
@@ -209,9 +281,16 @@ class LoadSource:
                     if ok and img is not None:
                         yield Frame(path, img, kind, index, fps, total)
                     else:
+                        self.skipped["frame"] += 1
                         LOGGER.warning(f"{path}: frame {index} could not be decoded; skipped")
                 index += 1
             if index == 0:
                 raise SourceError(f"{path}: opened but no frame could be read (empty or corrupt video)")
+            if kind == "stream":  # closed by the sender, or nothing arrived within the timeout
+                LOGGER.warning(f"{path}: stream ended after {index} frames")
+            elif total - index > max(1, total // 100):  # FRAME_COUNT is an estimate in some containers
+                self.skipped["video"] += 1
+                LOGGER.warning(f"{path}: video breaks off after frame {index - 1} of {total} (truncated or "
+                               f"corrupt file); the {index} frames read are kept")
         finally:
             cap.release()

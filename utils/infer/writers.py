@@ -39,6 +39,17 @@ def label_lines(det: np.ndarray, shape: tuple[int, int], save_conf: bool = False
     return rows
 
 
+def crop_box(img: np.ndarray, box: np.ndarray | list[float]) -> np.ndarray | None:
+    """A contiguous copy of the pixels of xyxy `box` in `img` (rounded outwards, clipped to the image);
+    None when nothing of the box lies inside the image."""
+    h, w = img.shape[:2]
+    x1, y1 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x2, y2 = min(int(np.ceil(box[2])), w), min(int(np.ceil(box[3])), h)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return np.ascontiguousarray(img[y1:y2, x1:x2])
+
+
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
@@ -105,16 +116,14 @@ class ResultWriter:
             self._show(frame.path, img)
 
     def _crops(self, img: np.ndarray, det: np.ndarray, names: list[str], stem: str) -> None:
-        h, w = img.shape[:2]
-        for k, (x1, y1, x2, y2, _conf, cls) in enumerate(det):
-            x1, y1 = max(int(x1), 0), max(int(y1), 0)
-            x2, y2 = min(int(np.ceil(x2)), w), min(int(np.ceil(y2)), h)
-            if x2 <= x1 or y2 <= y1:
-                continue  # a box that lies outside the image after clipping has nothing to crop
+        for k, (*box, _conf, cls) in enumerate(det):
+            crop = crop_box(img, box)
+            if crop is None:
+                continue
             c = int(cls)
             folder = self.save_dir / "crops" / _safe_name(names[c] if c < len(names) else str(c))
             folder.mkdir(parents=True, exist_ok=True)
-            _imwrite(folder / f"{stem}_{k}.jpg", np.ascontiguousarray(img[y1:y2, x1:x2]))
+            _imwrite(folder / f"{stem}_{k}.jpg", crop)
             self.counts["crops"] += 1
 
     def _video_frame(self, frame: Frame, img: np.ndarray) -> None:

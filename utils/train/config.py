@@ -9,7 +9,9 @@ from typing import Any
 import yaml
 
 from utils.core.errors import FlagError
+from utils.train.files import atomic_write_text
 
+NAN_LIMIT = 5  # --nan-limit default: optimizer steps skipped for a non-finite loss in a row before a run stops
 DEFAULT_EPOCHS = 40  # `python train.py`: fits in 15 minutes on 2 CPU cores (docs/PERFORMANCE.md has the measured time)
 
 
@@ -51,6 +53,8 @@ class TrainConfig:
     noautoanchor: bool = False
     sync_bn: bool = False
     noplots: bool = False
+    nan_limit: int = NAN_LIMIT
+    resume_data: str = ""
     accel: bool = True  # --no-accel: False; CPU training kernels swapped in by utils.accel.swap.accelerate
     hyp_overrides: dict = field(default_factory=dict)
     save_dir: str = ""
@@ -66,6 +70,7 @@ class TrainConfig:
             (self.imgsz >= 32, f"--imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.freeze >= 0, f"--freeze must be >= 0, got {self.freeze}"),
+            (self.nan_limit >= 1, f"--nan-limit must be >= 1, got {self.nan_limit}"),
             (self.patience >= 0, f"--patience must be >= 0 (0 = never stop early), got {self.patience}"),
             (self.optimizer in ("auto", "SGD", "Adam", "AdamW"),
              f"--optimizer must be auto, SGD, Adam or AdamW, got {self.optimizer!r}"),
@@ -81,7 +86,7 @@ class TrainConfig:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "args") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "args") -> TrainConfig:
         """Rebuild from `to_dict()` output; unknown keys are ignored with a warning naming `source`."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -101,11 +106,8 @@ def _plain(v: Any) -> Any:
 
 
 def write_yaml(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write `data` as YAML (keys in insertion order) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
-    return path
+    """Write `data` as YAML (keys in insertion order), atomically (`utils.train.files`); return the path."""
+    return atomic_write_text(path, yaml.safe_dump(_plain(data), sort_keys=False))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

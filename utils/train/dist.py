@@ -96,6 +96,18 @@ def broadcast_flag(flag: bool, info: DistInfo, src: int = 0) -> bool:
     return bool(t.item())
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when `flag` is true on any rank (e.g. a non-finite loss, so all ranks skip the
+    same step and none waits on the others' gradients); the flag itself when single."""
+    if not (info.distributed and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def seed_everything(seed: int, rank: int = -1, deterministic: bool = False) -> int:
     """Seed python, numpy and torch with `seed + max(rank, 0)` so ranks draw different augmentations.
 

@@ -6,9 +6,12 @@ written with `%.5g`-like precision. Losses are per-image means, LRs the value us
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+
+from utils.train.files import atomic_write, atomic_write_text
 
 RESULT_COLUMNS = (
     "epoch",
@@ -21,20 +24,29 @@ LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 
 
 def append_results(csv_path: str | Path, row: dict[str, float]) -> None:
-    """Append one epoch's row; write the header first when the file is new.
+    """Add one epoch's row; write the header first when the file is new.
 
-    `row` must hold every key of RESULT_COLUMNS (missing ones raise KeyError naming them).
+    `row` must hold every key of RESULT_COLUMNS (missing ones raise KeyError naming them). The file is
+    rewritten whole and atomically (a few kB), so a full disk or a second run writing the same folder
+    never leaves a half row: the file holds the rows before this call, or those and this one.
     """
     csv_path = Path(csv_path)
     missing = [c for c in RESULT_COLUMNS if c not in row]
     if missing:
         raise KeyError(f"append_results: row misses columns {missing}")
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    with csv_path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(RESULT_COLUMNS)
-        w.writerow([int(row["epoch"])] + [f"{float(row[c]):.5g}" for c in RESULT_COLUMNS[1:]])
+    old = ""
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:  # keep the csv module's \r\n line ends as they are
+            old = f.read()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if not old.strip():
+        old = ""
+        w.writerow(RESULT_COLUMNS)
+    elif not old.endswith("\n"):
+        old += "\r\n"
+    w.writerow([int(row["epoch"])] + [f"{float(row[c]):.5g}" for c in RESULT_COLUMNS[1:]])
+    atomic_write_text(csv_path, old + buf.getvalue())
 
 
 def read_results(csv_path: str | Path) -> list[dict[str, float]]:
@@ -69,10 +81,7 @@ def truncate_results(csv_path: str | Path, keep_before_epoch: int) -> int:
         return 0
     header, body = lines[0], [r for r in lines[1:] if r and r[0].strip().lstrip("-").isdigit()]
     kept = [r for r in body if int(r[0]) < keep_before_epoch]
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows([header] + kept)
-    tmp.replace(csv_path)
+    atomic_write(csv_path, lambda f: csv.writer(f).writerows([header] + kept))
     return len(kept)
 
 
@@ -106,7 +115,7 @@ def plot_results(csv_path: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend()
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=120, format="png"), mode="wb")
     plt.close(fig)
     return out
 

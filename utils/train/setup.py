@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, foreign_format, load_checkpoint
 from models.pretrained import load_torchvision_backbone
 from models.registry import ModelConfigError
 from models.yolo import Model
@@ -19,8 +19,8 @@ from utils.data import create_dataloader, load_hyp
 from utils.train.config import TrainConfig
 from utils.train.dist import main_process_first
 from utils.train.ema import de_parallel
+from utils.train.faults import write_checkpoint
 from utils.train.optim import freeze_layers
-
 
 
 def repo_path(p: str | Path) -> str:
@@ -57,13 +57,30 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     new = TrainConfig.from_dict(args, source=str(path))
     new.resume, new.save_dir = str(path), str(path.resolve().parent.parent)
     new.accel = new.accel and cfg.accel  # --no-accel is how this process runs, not part of the run's recipe
+    new.data, new.resume_data = _resume_data(path, new.data, cfg.resume_data), ""
     if ckpt.get("optimizer") is None:
         raise CheckpointError(f"{path}: training already finished (epoch {int(ckpt.get('epoch', -1)) + 1} of "
                               f"{new.epochs}); nothing to resume. Start a new run with --weights {path}")
     if int(ckpt.get("epoch", -1)) + 1 >= new.epochs:
         raise CheckpointError(f"{path}: all {new.epochs} epochs are done; nothing to resume")
-    print(f"--resume {path}: continuing with the run's own arguments (other flags but --no-accel are ignored)")
+    print(f"--resume {path}: continuing with the run's own arguments (other flags but --no-accel and --data "
+          f"are ignored)")
     return new, ckpt
+
+
+def _resume_data(ckpt_path: Path, run_data: str, given: str) -> str:
+    """The data YAML a resumed run uses: `given` (--data with --resume) when set, else the run's own one,
+    which must still exist (MissingFileError saying how to point at its new place otherwise)."""
+    if given:
+        if not Path(repo_path(given)).is_file():
+            raise MissingFileError(f"--data {given}: file not found")
+        if str(Path(repo_path(given)).resolve()) != str(run_data):
+            print(f"--resume {ckpt_path}: data YAML {run_data} replaced by --data {given}")
+        return str(Path(repo_path(given)).resolve())
+    if not Path(repo_path(run_data)).is_file():
+        raise MissingFileError(f"--resume {ckpt_path}: the run's data YAML {run_data} is missing (moved or deleted); "
+                               f"put it back, or pass its new place: python train.py --resume {ckpt_path} --data NEW.yaml")
+    return run_data
 
 
 def prepare_hyp(cfg: TrainConfig, ckpt: dict | None) -> dict[str, Any]:
@@ -118,7 +135,7 @@ def transfer_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{e} (--weights takes a MobileYOLO checkpoint; for a torchvision "
+        raise CheckpointError(f"{e} (--weights takes a MobileYOLO or YOLOv5 checkpoint; for a torchvision "
                               f"MobileNetV3 state_dict use --backbone-weights)") from None
     src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     dst = model.state_dict()
@@ -126,6 +143,18 @@ def transfer_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
             if k in dst and "anchors" not in k and tuple(v.shape) == tuple(dst[k].shape)}
     model.load_state_dict(keep, strict=False)
     return len(keep), len(dst)
+
+
+def yolov5_cfg(cfg: TrainConfig) -> dict | None:
+    """The model YAML of a YOLOv5 `--weights` file when `--cfg` is left at its default (as in YOLOv5,
+    `train.py --weights yolov5s.pt` fine-tunes that architecture); None otherwise."""
+    default = Path(repo_path(TrainConfig.cfg)).resolve()
+    if not cfg.weights or Path(repo_path(cfg.cfg)).resolve() != default or foreign_format(cfg.weights) != "yolov5":
+        return None
+    yaml = load_checkpoint(cfg.weights)["yaml"]
+    print(f"--weights {cfg.weights}: a YOLOv5 checkpoint; training its own model "
+          f"({yaml.get('yaml_file', 'its YAML rows')}); pass --cfg to train another one")
+    return yaml
 
 
 def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, device: torch.device) -> nn.Module:
@@ -136,7 +165,7 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None, 
         model = Model(ckpt["yaml"])
         model.load_state_dict(ckpt["model"], strict=True)
     else:
-        model = Model(repo_path(cfg.cfg), nc=nc)
+        model = Model(yolov5_cfg(cfg) or repo_path(cfg.cfg), nc=nc)
         if model.detect is None:
             raise ModelConfigError(f"--cfg {cfg.cfg}: has no Detect head (a classifier YAML); train.py trains detectors")
         if cfg.weights:
@@ -184,4 +213,4 @@ def strip_optimizer(path: str | Path) -> Path:
     """Rewrite a finished run's checkpoint without optimizer state (smaller; marks it as finished)."""
     ckpt = load_checkpoint(path)
     ckpt["optimizer"] = None
-    return save_checkpoint(ckpt, path)
+    return write_checkpoint(ckpt, path)

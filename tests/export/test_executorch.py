@@ -1,0 +1,87 @@
+"""ExecuTorch export (XNNPACK .pte) and its runner: parity with PyTorch through DetectBackend, metadata
+inside the program, batches in chunks, detect.py and val.py, a missing package, corrupt and truncated files.
+
+Importing executorch and lowering take several seconds, so the export is a module fixture and every test
+here is in the slow tier."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import detect
+import export
+import val
+from tests.backend_helpers import make_checkpoint, make_images
+from utils.data.synthetic import make_synthetic_dataset
+from utils.export.headmaps import MissingPackageError
+from utils.infer.backend import BackendError, DetectBackend
+
+pytestmark = pytest.mark.slow
+NAMES = ["cell", "blob"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(checkpoint, best.pte) of the tiny two-level model at 64 px, objectness high."""
+    root = tmp_path_factory.mktemp("et")
+    pt = make_checkpoint(root / "best.pt", names=NAMES, imgsz=64, obj_logit=3.0)
+    return pt, export.run(pt, include=["executorch"], imgsz=64, threads=1)["executorch"]  # parity-checked
+
+
+def test_parity_batches_and_metadata_inside_the_program(exported, tmp_path):
+    pt, file = exported
+    assert file == pt.parent / "best.pte"
+    moved = tmp_path / "renamed.pte"
+    shutil.copy(file, moved)
+    b = DetectBackend(moved, threads=1)
+    assert (b.fmt, b.names, b.imgsz, b.stride, b.dynamic) == ("executorch", NAMES, (64, 64), 16, False)
+    ref_backend = DetectBackend(pt)
+    for n in (1, 3):  # the program's batch is 1: three images run as three chunks
+        x = torch.rand(n, 3, 64, 64)
+        p = export.compare("executorch", ref_backend(x), b(x))
+        assert p.ok, str(p)
+    with pytest.raises(BackendError, match="64x64"):
+        b(torch.rand(1, 3, 96, 96))
+
+
+def test_detect_and_val_accept_the_file(exported, tmp_path):
+    pt, file = exported
+    src = tmp_path / "imgs"
+    make_images(src, n=2, size=(80, 64))
+    opts = {"source": src, "nosave": True, "project": tmp_path / "r", "imgsz": 64, "conf_thres": 0.25, "max_det": 4}
+    a = list(detect.Detector(detect.DetectOptions(weights=pt, **opts)).frames())
+    b = list(detect.Detector(detect.DetectOptions(weights=file, **opts)).frames())
+    assert len(a) == len(b) == 2 and all(len(r.det) for r in a)
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra.det, rb.det, atol=1e-3)
+    data = make_synthetic_dataset(tmp_path / "syn", n_train=1, n_val=3, imgsz=96, nc=2)
+    common = {"imgsz": 64, "batch_size": 2, "workers": 0, "plots": False, "project": tmp_path / "v", "rect": False}
+    m_pt, m_et = val.run(data, pt, **common), val.run(data, file, **common)
+    assert m_et.n_images == 3
+    assert m_et.map50 == pytest.approx(m_pt.map50, abs=1e-3) and m_et.map == pytest.approx(m_pt.map, abs=1e-3)
+
+
+def test_missing_package_gives_one_line_naming_the_requirements(exported, tmp_path, monkeypatch):
+    pt, file = exported
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)
+    with pytest.raises(MissingPackageError, match=r"executorch needs executorch: pip install -r requirements-export.txt"):
+        export.run(pt, include=["executorch"], imgsz=64, outdir=tmp_path, threads=1)
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)
+    with pytest.raises(BackendError, match=r"needs executorch: pip install -r requirements-export.txt") as e:
+        DetectBackend(file)
+    assert str(file) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_truncated_and_foreign_files_are_refused_naming_the_file(exported, tmp_path):
+    _, file = exported
+    data = file.read_bytes()
+    for name, content in (("truncated.pte", data[: len(data) // 2]), ("head.pte", data[:64]),
+                          ("noise.pte", np.random.default_rng(0).bytes(4096)), ("empty.pte", b"")):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(BackendError, match=name):
+            DetectBackend(bad)

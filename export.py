@@ -35,7 +35,7 @@ from utils.data.loader import create_dataloader
 from utils.eval.evaluator import evaluate
 from utils.eval.metrics import Metrics
 from utils.export.calibrate import DEFAULT_IMAGES, calibration_batches
-from utils.export.executorch import export_executorch, pte_file
+from utils.export.executorch import export_executorch, pte_file, pte_int8_file
 from utils.export.exporters import export_onnx, export_torchscript
 from utils.export.metadata import export_metadata
 from utils.export.ncnn import export_ncnn, ncnn_dir
@@ -48,7 +48,7 @@ from utils.ops.decode import Decoder
 
 LOGGER = logging.getLogger("mobileyolo.export")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "executorch")  # YOLOv5's names
-INT8_FORMATS = ("onnx", "openvino", "tflite")
+INT8_FORMATS = ("onnx", "openvino", "tflite", "executorch")
 MAX_INT8_SIZE = 0.35  # an INT8 export should be at most this fraction of its float32 size
 MAX_INT8_DROP = 0.02  # mAP50-95 an INT8 export may lose before export.py warns loudly
 # Parity tolerance. Scores (obj, class probabilities, 0..1) must agree within ABS_TOL. Box columns are
@@ -159,7 +159,8 @@ def _write(fmt: str, wrapper: Decoder, x: torch.Tensor, weights: Path, outdir: P
         return export_ncnn(wrapper, im, ncnn_dir(weights, outdir), meta)
     if fmt == "tflite":
         return export_tflite(wrapper, im, tflite_file(weights, calib is not None, outdir), meta, calibration=calib)
-    return export_executorch(wrapper, im, pte_file(weights, outdir), meta)
+    pte = pte_file(weights, outdir) if calib is None else pte_int8_file(weights, outdir)
+    return export_executorch(wrapper, im, pte, meta, calibration=calib)
 
 
 def export_size(path: Path) -> int:
@@ -185,7 +186,7 @@ def run(weights: str | Path, include: tuple[str, ...] | list[str] = ("onnx", "to
 
     Paths follow YOLOv5 beside the weights (or in `outdir`): `<stem>.onnx`, `<stem>.torchscript`,
     `<stem>_openvino_model/`, `<stem>_ncnn_model/`, `<stem>_float32.tflite`, `<stem>.pte`; with `int8`
-    also `<stem>-int8.onnx`, `<stem>_int8_openvino_model/`, `<stem>_int8.tflite` (calibrated on
+    also `<stem>-int8.onnx`, `<stem>_int8_openvino_model/`, `<stem>_int8.tflite`, `<stem>_int8.pte` (calibrated on
     `calib_images` train images of the data YAML `data`, then gated on its val split: `int8_gate`).
     `imgsz` is the input size (int or [h, w], multiples of the model stride). `half`: OpenVINO at reduced
     precision (parity printed, not enforced). Raises `ExportError` for bad arguments, an unreadable
@@ -293,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simplify", action="store_true", help="run onnxsim on the ONNX graph if installed")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     parser.add_argument("--half", action="store_true", help="OpenVINO: fp16 weights, reduced precision at run time")
-    parser.add_argument("--int8", action="store_true", help="also write INT8 exports (onnx, openvino, tflite); "
-                        "needs --data")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write INT8 exports (onnx, openvino, tflite, executorch); needs --data")
     parser.add_argument("--data", default=None, help="data YAML: INT8 calibration (train) and check (val)")
     parser.add_argument("--calib-images", type=int, default=DEFAULT_IMAGES, help="INT8 calibration images")
     parser.add_argument("--check-image", default=None, help="image for the PyTorch parity check")

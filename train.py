@@ -239,6 +239,9 @@ def finish(r: Run, last_epoch: int, t0: float) -> Any:
     print(f"\n{n_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
     if r.guard.skipped:
         print(f"{r.guard.skipped} training steps skipped for a non-finite loss or gradient: see the warnings above")
+    for split, ds in (("train", r.train_ds), ("val", getattr(r.val_loader, "dataset", None))):
+        if getattr(ds, "skip_note", ""):
+            print(f"{split} data: {ds.skip_note}")
     if (r.save_dir / "results.csv").exists():
         plot_results(r.save_dir / "results.csv")
     metrics = None

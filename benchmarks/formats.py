@@ -29,7 +29,7 @@ import export
 from benchmarks.latency import interleaved_medians
 from utils.infer.backend import DetectBackend
 
-FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite")
+FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "executorch")
 
 
 @dataclass

@@ -16,6 +16,7 @@ asserted (tests/benchmarks/test_memory.py runs each mode small).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import tempfile
@@ -73,6 +74,16 @@ def children_pss_mb() -> float:
 
 def sample(n: int) -> Sample:
     return n, rss_mb(), children_pss_mb()
+
+
+def trimmed_rss_mb() -> float:
+    """RSS (MiB) after glibc's `malloc_trim(0)` has handed freed heap pages back to the kernel: what the
+    process still holds, without the allocator's retained free memory. NaN without glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return float("nan")
+    return rss_mb()
 
 
 def random_checkpoint(path: Path, cfg: str = DEFAULT_CFG, nc: int = 3, imgsz: int = 320,
@@ -181,15 +192,18 @@ def val_memory(images: int = 5_000, imgsz: int = 320, batch_size: int = 16, work
         return sampled.out
 
 
-def train_memory(log: Callable[[str], None] = print, workdir: Path | None = None, **overrides: Any) -> list[Sample]:
+def train_memory(log: Callable[[str], None] = print, workdir: Path | None = None, trim: bool = False,
+                 **overrides: Any) -> list[Sample]:
     """`train.run(TrainConfig(**overrides))` (no overrides: `python train.py`, 40 epochs on BCCD) with an
-    `on_fit_epoch_end` callback; RSS and the workers' PSS after every epoch. Outputs go to a temp folder
-    unless `project` is given."""
+    `on_fit_epoch_end` callback; RSS and the workers' PSS after every epoch. With `trim`, each line also
+    gives the RSS after `malloc_trim(0)` (memory the allocator kept versus memory still in use; the trim
+    itself changes what later epochs measure). Outputs go to a temp folder unless `project` is given."""
     out: list[Sample] = []
 
     def record(epoch: int, _row: dict) -> None:
         out.append(sample(epoch + 1))
-        log(f"train: epoch {epoch + 1:>3}: RSS {out[-1][1]:7.1f} MiB, workers' PSS {out[-1][2]:7.1f} MiB")
+        after = f", after malloc_trim {trimmed_rss_mb():7.1f} MiB" if trim else ""
+        log(f"train: epoch {epoch + 1:>3}: RSS {out[-1][1]:7.1f} MiB, workers' PSS {out[-1][2]:7.1f} MiB{after}")
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         overrides.setdefault("project", str(Path(tmp) / "runs"))
@@ -215,6 +229,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", default=DEFAULT_CFG, help="detect/val: model YAML of the random model")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--workers", type=int, default=2, help="val: DataLoader workers")
+    p.add_argument("--trim", action="store_true", help="train: also print the RSS after malloc_trim(0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for detect/val (default 1: memory, not speed, on a shared machine); "
                         "train keeps torch's default as `python train.py` does")
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Sample]]:
         res["val"] = val_memory(o.images, imgsz=o.imgsz, workers=o.workers, weights=o.weights, cfg=o.cfg)
     torch.set_num_threads(threads)
     if o.mode in ("train", "all"):
-        res["train"] = train_memory(**({"epochs": o.epochs} if o.epochs else {}))
+        res["train"] = train_memory(trim=o.trim, **({"epochs": o.epochs} if o.epochs else {}))
     for name, unit in (("detect", "frame"), ("val", "image"), ("train", "epoch")):
         if name in res:
             print(summary(name, res[name], unit))

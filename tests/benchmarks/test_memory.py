@@ -45,9 +45,9 @@ def test_val_mode_samples_during_and_after_evaluate(tiny_yaml, capsys):
 def test_train_mode_samples_every_epoch(tiny_yaml, tmp_path, capsys):
     data = make_synthetic_dataset(tmp_path / "ds", n_train=4, n_val=2, imgsz=64)
     res = memory.train_memory(data=str(data), cfg=str(tiny_yaml), imgsz=64, batch_size=4, epochs=2, workers=0,
-                              noplots=True, noautoanchor=True, hyp_overrides=FAST_HYP, workdir=tmp_path)
+                              noplots=True, noautoanchor=True, hyp_overrides=FAST_HYP, workdir=tmp_path, trim=True)
     assert [n for n, _, _ in res] == [1, 2] and all(rss > 10 for _, rss, _ in res)
     out = capsys.readouterr().out
-    assert re.search(r"train: epoch +2: RSS +\d+\.\d MiB", out)
+    assert re.search(r"train: epoch +2: RSS +\d+\.\d MiB, workers' PSS +\d+\.\d MiB, after malloc_trim +\d+\.\d MiB", out)
     assert memory.summary("train", res, "epoch").startswith("train: RSS ")
     assert not list(tmp_path.glob("tmp*"))  # the run folder was temporary

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from utils.export.metadata import FORMAT, export_metadata, parse_metadata
 
 
@@ -27,3 +29,24 @@ def test_foreign_metadata_is_refused():
     assert parse_metadata({**good, "format": json.dumps("yolov5")}) is None
     assert parse_metadata({**good, "names": json.dumps("a")}) is None  # names must be a list
     assert parse_metadata({**good, "names": "[broken"}) is None
+
+
+def test_anchors_and_metadata_yaml_round_trip(tmp_path):
+    import torch
+
+    from utils.export.metadata import (
+        METADATA_YAML,
+        read_metadata_yaml,
+        write_metadata_yaml,
+    )
+
+    anchors = torch.tensor([[[10.0, 13.0], [16.0, 30.0]], [[30.0, 61.0], [62.0, 45.0]]])
+    meta = export_metadata(["a", "b"], [8.0, 16.0], (64, 96), 1, False, anchors=anchors)
+    assert parse_metadata(meta)["anchors"] == anchors.tolist()
+    assert "anchors" not in export_metadata(["a"], [8.0], (64, 64), 1, False)  # old files stay as they were
+    write_metadata_yaml(meta, tmp_path)
+    assert read_metadata_yaml(tmp_path) == meta and (tmp_path / METADATA_YAML).read_text().startswith("names:")
+    assert read_metadata_yaml(tmp_path / "nowhere") == {}
+    (tmp_path / METADATA_YAML).write_text("names: [a\n")
+    with pytest.raises(ValueError, match=METADATA_YAML):
+        read_metadata_yaml(tmp_path)

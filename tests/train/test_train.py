@@ -243,3 +243,19 @@ def test_many_flags_together(files):
     lf = lr_lambda(2, FAST_HYP.get("lrf", 0.01), cos=True)
     assert lrs == pytest.approx([0.001 * lf(0), 0.001 * lf(1)], rel=1e-3)
     assert out["metrics"] is not None and len(out["metrics"].ap_class) <= 1  # one class in validation
+
+
+@pytest.mark.slow
+def test_summary_counts_skipped_images(tmp_path, capsys, caplog):
+    """A corrupt image is named during the scan and counted again in the run's closing summary."""
+    data = make_synthetic_dataset(tmp_path / "ds", n_train=4, n_val=2, imgsz=64, seed=5)
+    bad = tmp_path / "ds" / "images" / "train" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_yaml()))
+    train.run(data=str(data), cfg=str(cfg), imgsz=64, batch_size=2, epochs=1, workers=0, noplots=True,
+              project=str(tmp_path / "runs"), hyp_overrides=FAST_HYP)
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.out + captured.err + caplog.text  # the scan's own warning names the file
+    summary = captured.out[captured.out.index("epochs completed"):]
+    assert "train data: 1 image" in summary and "skipped: see above" in summary, summary

@@ -1,6 +1,6 @@
 """OpenVINO export: `<stem>_openvino_model/` (`<stem>.xml`, `<stem>.bin`, `metadata.yaml`), float or INT8.
 
-The IR is the fused model up to the head's raw maps (`[B, na, H, W, 5+nc]` per level); the runner
+The IR is the fused model up to the head's 1x1 convs (`[B, na*(5+nc), H, W]` per level); the runner
 (`utils.infer.formats.openvino`) decodes with our decoder, so the decode is never quantized. Weights are
 stored float32 (`save_model(compress_to_fp16=False)`) unless `half`; the runner compiles at f32 unless
 the metadata says `precision: fp16`. INT8: NNCF post-training quantization over calibration batches
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.export.headmaps import require_package, unwrap
+from utils.export.headmaps import HeadMaps, require_package, unwrap
 from utils.export.metadata import write_metadata_yaml
 
 LOGGER = logging.getLogger("mobileyolo.export")
@@ -34,7 +34,7 @@ def openvino_dir(weights: str | Path, outdir: str | Path | None = None, int8: bo
 def head_conv_patterns(model: nn.Module) -> list[str]:
     """Regex patterns (OpenVINO node names of a converted `Model`) of the Detect head's 1x1 convs."""
     det = model.detect
-    return [rf".*layers\.{det.i}\.m\.{k}\b.*" for k in range(det.nl)]
+    return [rf".*layers\.{det.i}\.m\.{k}[/.].*" for k in range(det.nl)]
 
 
 def export_openvino(model: nn.Module, im: torch.Tensor, folder: str | Path, metadata: dict[str, str],
@@ -54,7 +54,9 @@ def export_openvino(model: nn.Module, im: torch.Tensor, folder: str | Path, meta
     folder.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings of the converter's TorchScript path
-        ov_model = ov.convert_model(model.eval(), example_input=im,
+        # 4-D head conv maps out, as NCNN/TFLite: a 5-D view + permute in the IR was a float Transpose
+        # OpenVINO ran even in INT8 models (docs/PERFORMANCE.md); decode_maps does it in the runner
+        ov_model = ov.convert_model(HeadMaps(model).eval(), example_input=im,
                                     input=[(-1, 3, -1, -1) if dynamic else tuple(im.shape)])
     precision = "int8" if calib is not None else "fp16" if half else "fp32"
     if calib is not None:

@@ -1,6 +1,6 @@
 """OpenVINO runner for `*_openvino_model/` folders (IR `.xml` + `.bin` + `metadata.yaml`) on the CPU.
 
-The IR ends at the head's raw maps; decoding happens here with our own decoder
+The IR ends at the head's 1x1 convs; decoding happens here with our own decoder
 (`utils.infer.formats.common.decode_maps`), so it stays float32 in INT8 models too.
 Precision: OpenVINO picks bf16 on CPUs that have it, which moves boxes by a tenth of a pixel or more, so
 the runner compiles with `INFERENCE_PRECISION_HINT` f32 unless the export asked for reduced precision

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from utils.core.errors import UserError
+from utils.core.paths import atomic_write_bytes
 from utils.export.headmaps import HeadMaps, require_package, with_anchors
 
 METADATA_METHOD = "mobileyolo_metadata"  # constant method returning the metadata JSON as a uint8 tensor
@@ -107,11 +106,4 @@ def export_executorch(wrapper: nn.Module, im: torch.Tensor, file: str | Path, me
         text = str(e).strip()
         raise ExecuTorchExportError(f"{file}: ExecuTorch could not lower the model: {type(e).__name__}: "
                                     f"{text.splitlines()[0] if text else ''}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return file
+    return atomic_write_bytes(file, data)

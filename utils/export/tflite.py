@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from utils.core.errors import UserError
+from utils.core.paths import atomic_write_bytes
 from utils.export.headmaps import HeadMaps, require_package, unwrap, with_anchors
 
 METADATA_NAME = "mobileyolo"  # name of our entry in the TFLite model's metadata table
@@ -182,11 +182,4 @@ def export_tflite(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metada
     if calibration is not None:
         model = quantize_int8(model, calibration)
     data = embed_metadata(model, with_anchors(metadata, wrapper))
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return file
+    return atomic_write_bytes(file, data)

@@ -31,6 +31,7 @@ from utils.infer.formats.ncnn import NCNNRunner
 from utils.infer.formats.onnxrt import ONNXRunner
 from utils.infer.formats.openvino import OpenVINORunner
 from utils.infer.formats.tflite import TFLiteRunner
+from utils.infer.runtime import physical_cores
 from utils.ops.decode import Decoder, decode
 
 __all__ = ["BackendError", "DetectBackend", "format_of"]
@@ -165,10 +166,10 @@ class DetectBackend:
         if fmt not in RUNNERS:
             raise BackendError(f"{self.file}: {fmt} exports are not supported by this version")
         if fmt == "onnx":
-            self.runner = ONNXRunner(self.file, self.threads, spin=self.spin)
+            self.runner = ONNXRunner(self.file, self.threads or physical_cores(), spin=self.spin)
             self.session, self.session_config = self.runner.session, self.runner.session_config
         else:
-            self.runner = RUNNERS[fmt](self.file, self.threads)
+            self.runner = RUNNERS[fmt](self.file, self.threads or physical_cores())
         self._apply_metadata(_parse_metadata(self.runner.metadata, self.runner.file))
         self.dynamic, self.batch, self.fmt = bool(self.runner.dynamic), self.runner.batch, fmt
         if fmt == "onnx":  # another model's graph under our metadata: channels in or 5 + nc out disagree

@@ -8,6 +8,7 @@ CPUs that have them, and boxes then move by a tenth of a pixel or more (as OpenV
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from utils.infer.formats.common import (
     metadata_value,
     require,
 )
-from utils.infer.runtime import physical_cores
 
 NCNN_MAGIC = "7767517"  # the first line of every ncnn .param file
 
@@ -49,7 +49,7 @@ class NCNNRunner:
                 raise BackendError(f"{self.file}: not an ncnn .param file (no {NCNN_MAGIC} magic)")
         self.net = ncnn.Net()
         opt = self.net.opt
-        opt.num_threads = int(threads or physical_cores())
+        opt.num_threads = int(threads or os.cpu_count() or 1)
         opt.use_vulkan_compute = False
         for name in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
             if hasattr(opt, name):

@@ -5,13 +5,13 @@ in the model's `metadata_props`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from utils.core.errors import first_line
 from utils.infer.formats.common import BackendError, check_metadata, require
-from utils.infer.runtime import physical_cores
 
 
 class ONNXRunner:
@@ -29,7 +29,7 @@ class ONNXRunner:
         self.file = Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or physical_cores()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
         # Spinning threads answer the next op sooner, but left spinning after a run they steal the cores
         # from our own NMS and drawing (docs/PERFORMANCE.md), hence the stop after each run.
         self.session_config = ({"session.force_spinning_stop": "1"} if spin

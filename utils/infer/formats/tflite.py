@@ -9,6 +9,7 @@ batch; other batch sizes run in chunks of the export batch.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,6 @@ from utils.infer.formats.common import (
     metadata_value,
     require,
 )
-from utils.infer.runtime import physical_cores
 
 
 class TFLiteRunner:
@@ -48,7 +48,7 @@ class TFLiteRunner:
         self.metadata = meta
         metadata_value(meta, "anchors", self.file)  # needed to decode
         try:
-            self.interpreter = lite.Interpreter(model_path=str(self.file), num_threads=int(threads or physical_cores()))
+            self.interpreter = lite.Interpreter(model_path=str(self.file), num_threads=int(threads or os.cpu_count() or 1))
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BackendError(f"{self.file}: LiteRT cannot load this model ({first_line(e)})") from None

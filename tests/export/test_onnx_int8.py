@@ -14,7 +14,7 @@ from utils.export.calibrate import (
     calibration_batches,
     calibration_files,
 )
-from utils.export.onnx_int8 import float_tail
+from utils.export.onnx_int8 import HALF_MIN, compact_qdq, float_tail
 from utils.infer.backend import DetectBackend
 
 
@@ -50,14 +50,16 @@ def test_int8_onnx_round_trip_and_gate(data, tmp_path, capsys):
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
-    tail = set(float_tail(onnx.load(str(files["onnx"]))))
+    tail = set(float_tail(model))  # found from the structure: compact_qdq renamed every node
     assert len(tail) > 5
-    inits = {t.name for t in model.graph.initializer}
-    for n in model.graph.node:  # head convs keep float weights; the decode reads float tensors only
-        if n.name in tail and n.op_type == "Conv":
-            assert n.input[1] in inits, n.name
-        elif n.name in tail:
+    head = [n for n in model.graph.node if n.name in tail and n.op_type == "Conv"]
+    assert len(head) == len(b.strides)  # one 1x1 conv per level, with float weights (float16 + Cast if large)
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert all(produced_by.get(n.input[1]) == "Cast" or n.input[1] in floats for n in head)
+    for n in model.graph.node:  # the decode reads float tensors only
+        if n.name in tail and n.op_type != "Conv":
             assert all(produced_by.get(i) != "DequantizeLinear" for i in n.input), n.name
+    assert len(q.read_bytes()) < 0.45 * len(files["onnx"].read_bytes())  # tiny model: graph overhead weighs more
     out = capsys.readouterr().out
     assert "INT8 check on" in out and "best-int8.onnx" in out and "best.onnx" in out
 
@@ -89,3 +91,77 @@ def test_int8_flag_errors(tmp_path, capsys):
     empty.write_text(f"path: {tmp_path}\ntrain: imgs\nval: imgs\nnames: [a]\n")
     with pytest.raises(CalibrationError, match="no images in the train split"):
         calibration_files(empty)
+
+
+def _qdq_model() -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv(int8 weights, int32 bias, zero zero points) -> float Conv -> Add(grid) -> y,
+    with the long names a quantizer writes; one weight zero point is non-zero and must stay."""
+    h, T, rng = onnx.helper, onnx.TensorProto, np.random.default_rng(0)
+    c = 64  # float conv weights (c * c) and grid (c * 16) have >= HALF_MIN elements: stored as float16
+    inits = [
+        onnx.numpy_helper.from_array(rng.integers(-127, 128, (c, 3, 1, 1), dtype=np.int8), "very/long/w_quantized"),
+        onnx.numpy_helper.from_array(np.full(c, 0.01, np.float32), "very/long/w_scale"),
+        onnx.numpy_helper.from_array(np.zeros(c, np.int8), "very/long/w_zero_point"),
+        onnx.numpy_helper.from_array(rng.integers(-500, 500, c, dtype=np.int32), "very/long/b_quantized"),
+        onnx.numpy_helper.from_array(np.full(c, 0.01 / 255, np.float32), "very/long/b_scale"),
+        onnx.numpy_helper.from_array(np.zeros(c, np.int32), "very/long/b_zero_point"),
+        onnx.numpy_helper.from_array(np.float32(1 / 255), "x_scale"),
+        onnx.numpy_helper.from_array(np.uint8(3), "x_zero_point"),  # non-zero: kept
+        onnx.numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "head_weight"),
+        onnx.numpy_helper.from_array(np.arange(c * 16, dtype=np.float32).reshape(1, c, 4, 4) - 0.5, "grid"),
+    ]
+    nodes = [h.make_node("QuantizeLinear", ["x", "x_scale", "x_zero_point"], ["xq"], name="x/quantize"),
+             h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero_point"], ["xd"], name="x/dequantize"),
+             h.make_node("DequantizeLinear", ["very/long/w_quantized", "very/long/w_scale", "very/long/w_zero_point"],
+                         ["w"], name="w/dequantize", axis=0),
+             h.make_node("DequantizeLinear", ["very/long/b_quantized", "very/long/b_scale", "very/long/b_zero_point"],
+                         ["b"], name="b/dequantize", axis=0),
+             h.make_node("Conv", ["xd", "w", "b"], ["a"], name="/model/layers.0/conv/Conv"),
+             h.make_node("Conv", ["a", "head_weight"], ["m"], name="/model/detect/m.0/Conv"),
+             h.make_node("Add", ["m", "grid"], ["y"], name="/decode/Add")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 4, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, c, 4, 4])], inits)
+    graph.value_info.append(h.make_tensor_value_info("a", T.FLOAT, [1, c, 4, 4]))
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_compact_qdq_keeps_the_outputs_and_shrinks_the_file():
+    import onnxruntime as ort
+
+    model = _qdq_model()
+    before = model.SerializeToString()
+    small = compact_qdq(_qdq_model())
+    onnx.checker.check_model(small)
+    after = small.SerializeToString()
+    assert len(after) < len(before)
+    x = np.random.default_rng(1).random((1, 3, 4, 4), dtype=np.float32)
+    ref = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = ort.InferenceSession(after, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= 2 ** -10 * np.abs(ref).max()  # the head weights rounded to float16
+    g = small.graph
+    assert [i.name for i in g.input] == ["x"] and [o.name for o in g.output] == ["y"]
+    assert all(len(n.name) <= 2 for n in g.node) and not g.value_info
+    assert all(len(x) <= 2 for n in g.node for x in [*n.input, *n.output] if x not in ("x", "y"))
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert sorted(len(n.input) for n in dq) == [2, 2, 3]  # weights and bias lose the zeros; x keeps its 3
+    init = {t.name: t for t in g.initializer}
+    casts = [n for n in g.node if n.op_type == "Cast"]
+    assert len(casts) == 2 and all(init[n.input[0]].data_type == onnx.TensorProto.FLOAT16 for n in casts)
+    grid = onnx.numpy_helper.to_array(init[casts[1].input[0]]).astype(np.float32)
+    assert np.array_equal(grid, np.arange(64 * 16, dtype=np.float32).reshape(1, 64, 4, 4) - 0.5)  # exact
+
+
+def test_compact_qdq_keeps_non_zero_and_small_constants():
+    model = _qdq_model()
+    zp = next(t for t in model.graph.initializer if t.name == "very/long/w_zero_point")
+    zp.CopyFrom(onnx.numpy_helper.from_array(np.ones(64, np.int8), zp.name))
+    small = compact_qdq(model)
+    w_dq = next(n for n in small.graph.node if n.op_type == "DequantizeLinear" and n.input[0] != small.graph.node[0].output[0]
+                and len(n.input) == 3 and n.input[0] not in {o for m in small.graph.node for o in m.output})
+    assert len(w_dq.input) == 3  # a non-zero weight zero point stays
+    tiny = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "c"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [onnx.numpy_helper.from_array(np.ones(HALF_MIN - 1, np.float32), "c")]))
+    assert [n.op_type for n in compact_qdq(tiny).graph.node] == ["Add"]  # below HALF_MIN: no Cast

@@ -122,16 +122,18 @@ def model_counts(weights: Path) -> tuple[int, int]:
     return n_w, n_c
 
 
-def run(weights: str | Path) -> list[tuple[str, int, int, Counter]]:
-    """One (format, float32 bytes, INT8 bytes, INT8 parts) per format found beside `weights`; prints them."""
+def run(weights: str | Path, folder: str | Path | None = None) -> list[tuple[str, int, int, Counter]]:
+    """One (format, float32 bytes, INT8 bytes, INT8 parts) per format found in `folder` (default: beside
+    `weights`) under export.py's names for `weights`; prints them."""
     weights = Path(weights)
+    folder = Path(folder or weights.parent)
     n_w, n_c = model_counts(weights)
     print(f"{weights}: {n_w:,} weights, {n_c:,} output channels ({n_w / n_c:.1f} weights per channel)")
     head = f"{'format':<11}{'float32':>10}{'INT8':>10}{'ratio':>7}" + "".join(f"{p:>9}" for p in PARTS)
     print(head + "   (INT8 parts in kB; ratio = INT8 / float32)")
     rows = []
     for fmt, (fp, q, parts_of) in FILES.items():
-        fp, q = weights.parent / fp.format(s=weights.stem), weights.parent / q.format(s=weights.stem)
+        fp, q = folder / fp.format(s=weights.stem), folder / q.format(s=weights.stem)
         if not (fp.exists() and q.exists()):
             continue
         f_size, q_size, parts = _size(fp), _size(q), parts_of(q)
@@ -140,14 +142,16 @@ def run(weights: str | Path) -> list[tuple[str, int, int, Counter]]:
         print(f"{fmt:<11}{f_size / 1e3:>9.0f}k{q_size / 1e3:>9.0f}k{q_size / f_size:>7.3f}"
               + "".join(f"{parts[p] / 1e3:>9.1f}" for p in PARTS))
     if not rows:
-        print(f"no float32/INT8 pairs beside {weights}: run export.py --int8 first")
+        print(f"no float32/INT8 pairs of {weights.name} in {folder}: run export.py --int8 first")
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="checkpoint whose exports sit beside it")
-    run(parser.parse_args(argv).weights)
+    parser.add_argument("--weights", required=True, help="the exported checkpoint")
+    parser.add_argument("--dir", default=None, help="folder of the exports (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    run(args.weights, args.dir)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def test_int8_size_parts(tmp_path, capsys):
     data = make_synthetic_dataset(tmp_path / "data", n_train=3, n_val=1, imgsz=64)
     pt = make_checkpoint(tmp_path / "best.pt", imgsz=64)
     assert int8_size.run(pt) == []  # nothing exported yet
-    assert "no float32/INT8 pairs beside" in capsys.readouterr().out
+    assert "no float32/INT8 pairs of best.pt in" in capsys.readouterr().out
     with contextlib.redirect_stdout(io.StringIO()):
         export.run(pt, include=["onnx"], imgsz=64, int8=True, data=data, calib_images=2, gate=False)
     (fmt, f_size, q_size, parts), = int8_size.run(pt)
@@ -29,3 +29,4 @@ def test_int8_size_parts(tmp_path, capsys):
     assert parts["graph"] > 0
     out = capsys.readouterr().out
     assert f"{n_w:,} weights, {n_c:,} output channels" in out and "\nonnx " in out
+    assert int8_size.run(pt, tmp_path / "data") == []  # another folder: no exports there

@@ -62,6 +62,7 @@ def test_int8_onnx_round_trip_and_gate(data, tmp_path, capsys):
     assert len(q.read_bytes()) < 0.45 * len(files["onnx"].read_bytes())  # tiny model: graph overhead weighs more
     out = capsys.readouterr().out
     assert "INT8 check on" in out and "best-int8.onnx" in out and "best.onnx" in out
+    assert f"where the bytes go: python benchmarks/int8_size.py --weights {pt}\n" in out  # tiny: over 0.35x
 
 
 def test_float_tail_finds_decode_and_head():

@@ -102,3 +102,13 @@ def test_corrupt_truncated_or_incomplete_folders_are_refused_naming_the_file(exp
     empty.mkdir()
     with pytest.raises(BackendError, match="empty_ncnn_model"):
         DetectBackend(empty)
+
+
+def test_threads_default_to_the_idle_cores(exported, monkeypatch):
+    import utils.infer.backend as backend
+
+    _, folder = exported
+    monkeypatch.setattr(backend, "idle_cores", lambda: 1)  # everything else busy: one worker, not one per core
+    monkeypatch.setattr(backend, "physical_cores", lambda: 8)
+    assert DetectBackend(folder).runner.net.opt.num_threads == 1
+    assert DetectBackend(folder, threads=3).runner.net.opt.num_threads == 3  # an explicit count wins

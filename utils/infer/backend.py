@@ -31,7 +31,7 @@ from utils.infer.formats.ncnn import NCNNRunner
 from utils.infer.formats.onnxrt import ONNXRunner
 from utils.infer.formats.openvino import OpenVINORunner
 from utils.infer.formats.tflite import TFLiteRunner
-from utils.infer.runtime import physical_cores
+from utils.infer.runtime import idle_cores, physical_cores
 from utils.ops.decode import Decoder, decode
 
 __all__ = ["BackendError", "DetectBackend", "format_of"]
@@ -169,7 +169,9 @@ class DetectBackend:
             self.runner = ONNXRunner(self.file, self.threads or physical_cores(), spin=self.spin)
             self.session, self.session_config = self.runner.session, self.runner.session_config
         else:
-            self.runner = RUNNERS[fmt](self.file, self.threads or physical_cores())
+            # ncnn's OpenMP workers spin-wait: one per busy core made a loaded machine ~100x slower
+            default = idle_cores() if fmt == "ncnn" else physical_cores()
+            self.runner = RUNNERS[fmt](self.file, self.threads or default)
         self._apply_metadata(_parse_metadata(self.runner.metadata, self.runner.file))
         self.dynamic, self.batch, self.fmt = bool(self.runner.dynamic), self.runner.batch, fmt
         if fmt == "onnx":  # another model's graph under our metadata: channels in or 5 + nc out disagree

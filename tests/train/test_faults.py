@@ -1,12 +1,11 @@
 """Faults during training (docs/RELIABILITY.md, "Faults during training"): Ctrl-C, a full disk, non-finite
-losses, a read-only --project, two runs in one folder, a resume whose data YAML moved.
+losses. A read-only --project, two runs in one folder and a moved data YAML: test_fault_files.py.
 
 SIGKILL at any point is tests/train/test_resume.py::test_sigkill_mid_epoch_and_mid_save_then_resume.
 A stale or corrupt labels/*.cache is tested with the data pipeline (tests/data/).
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
@@ -19,22 +18,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
-import cv2
 import pytest
 import torch
 import yaml
 
 import train
 from models.checkpoint import load_checkpoint, save_checkpoint
-from tests.train_helpers import FAST_HYP, tiny_yaml
-from utils.core.errors import cli_main
-from utils.data import load_hyp
-from utils.data.synthetic import make_synthetic_dataset
+from tests.train.fault_helpers import make_files, tmp_files, train_argv, train_cli
 from utils.train import faults
-from utils.train.config import TrainConfig, read_yaml, write_yaml
+from utils.train.config import TrainConfig, write_yaml
 from utils.train.files import DiskFullError, atomic_write_text
-from utils.train.results import RESULT_COLUMNS, append_results, read_results
-from utils.train.setup import resolve_resume
+from utils.train.results import read_results
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,34 +36,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """(tmp, data yaml, model yaml, hyp yaml): 8 train / 4 val images of 64 px, 2 batches of 4 per epoch."""
-    tmp = tmp_path_factory.mktemp("faults")
-    data = make_synthetic_dataset(tmp / "ds", n_train=8, n_val=4, imgsz=64, seed=5)
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(tiny_yaml()))
-    (tmp / "hyp.yaml").write_text(yaml.safe_dump(load_hyp() | FAST_HYP))
-    return tmp, data, tmp / "tiny.yaml", tmp / "hyp.yaml"
+    return make_files(tmp_path_factory.mktemp("faults"))
 
 
-def _argv(files, project: Path, epochs: int = 2, *extra: str) -> list[str]:
-    _, data, cfg, hyp = files
-    return ["--data", str(data), "--cfg", str(cfg), "--hyp", str(hyp), "--imgsz", "64", "--batch-size", "4",
-            "--epochs", str(epochs), "--workers", "0", "--project", str(project), "--name", "exp", "--noplots",
-            *extra]
-
-
-def _cli(argv: list[str], callbacks: dict | None = None) -> tuple[int, str, str]:
-    """train.py's command line in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main("train.py", lambda a: train.run(train.parse_opt(a), callbacks=callbacks), argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _tmp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
-
-
-# ---- Ctrl-C, then a resume whose data YAML moved -------------------------------------------------------
+# ---- Ctrl-C ------------------------------------------------------------------------------------------
 
 # train.py's command line with a hook: at epoch 2 (index 1), batch 1 it writes a marker and waits until the
 # test has sent SIGINT to the whole process group (as a terminal's Ctrl-C does, DataLoader workers included).
@@ -97,7 +67,7 @@ def test_ctrl_c_saves_a_resumable_last_pt_and_resume_finishes(files, tmp_path):
     child = tmp_path / "child.py"
     child.write_text(CHILD.format(repo=str(REPO)))
     marker, sent = tmp_path / "marker", tmp_path / "sent"
-    argv = _argv(files, tmp_path / "runs", 3)
+    argv = train_argv(files, tmp_path / "runs", 3)
     argv[argv.index("--workers") + 1] = "1"  # a forked worker gets the SIGINT too
     proc = subprocess.Popen([sys.executable, str(child), str(marker), str(sent), *argv], cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -120,7 +90,7 @@ def test_ctrl_c_saves_a_resumable_last_pt_and_resume_finishes(files, tmp_path):
     # the finished epoch 1 is kept; the interrupted epoch 2 is redone, its one step stays in the weights
     assert ck["epoch"] == 0 and ck["optimizer"] is not None and ck["updates"] == 3
     assert [r["epoch"] for r in read_results(run_dir / "results.csv")] == [0]
-    assert not _tmp_files(run_dir)
+    assert not tmp_files(run_dir)
 
     # the data YAML moved: the resume names the missing file and how to point at it, and changes nothing;
     # with --data it finishes the run (in this process: the command line without another torch start-up)
@@ -128,13 +98,13 @@ def test_ctrl_c_saves_a_resumable_last_pt_and_resume_finishes(files, tmp_path):
     moved = data.with_name("moved.yaml")
     data.rename(moved)
     try:
-        rc, _out, err = _cli(["--resume", str(last)])
+        rc, _out, err = train_cli(["--resume", str(last)])
         assert rc == 2, err[-2000:]
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("train.py: error: --resume ")
         assert str(data) in lines[0] and "is missing" in lines[0] and "--data NEW.yaml" in lines[0]
         assert load_checkpoint(last)["updates"] == 3
-        rc, out, err = _cli(["--resume", str(last), "--data", str(moved)])
+        rc, out, err = train_cli(["--resume", str(last), "--data", str(moved)])
     finally:
         moved.rename(data)
     assert rc == 0, out[-2000:] + err[-2000:]
@@ -183,7 +153,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_old_one(tmp_path, monkey
                                             r"is kept; free some space, then: python train.py --resume .*last\.pt"):
         faults.write_checkpoint({"model": {}, "yaml": {}, "names": ["a"], "epoch": 5}, last, resume_from=last)
     monkeypatch.undo()
-    assert load_checkpoint(last)["epoch"] == 4 and not _tmp_files(tmp_path)
+    assert load_checkpoint(last)["epoch"] == 4 and not tmp_files(tmp_path)
     # the small files of a run: same rule
     (tmp_path / "args.yaml").write_text("a: 1\n")
 
@@ -193,11 +163,11 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_old_one(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFullError, match="args.yaml"):
         write_yaml(tmp_path / "args.yaml", {"a": 2})
-    assert (tmp_path / "args.yaml").read_text() == "a: 1\n" and not _tmp_files(tmp_path)
+    assert (tmp_path / "args.yaml").read_text() == "a: 1\n" and not tmp_files(tmp_path)
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error") as e:  # other errors are not disk-full errors
         atomic_write_text(tmp_path / "args.yaml", "b: 3\n")
-    assert not isinstance(e.value, DiskFullError) and not _tmp_files(tmp_path)
+    assert not isinstance(e.value, DiskFullError) and not tmp_files(tmp_path)
 
 
 def test_disk_full_during_training_stops_with_one_line_and_keeps_last_pt(files, tmp_path, monkeypatch):
@@ -205,7 +175,7 @@ def test_disk_full_during_training_stops_with_one_line_and_keeps_last_pt(files, 
     real = torch.save
     full = _full_disk_save(1000)
     monkeypatch.setattr(torch, "save", lambda *a, **k: (full if state.get("epoch") == 1 else real)(*a, **k))
-    rc, _out, err = _cli(_argv(files, tmp_path / "runs", 3),
+    rc, _out, err = train_cli(train_argv(files, tmp_path / "runs", 3),
                          {"on_train_batch_end": lambda epoch, i: state.update(epoch=epoch)})
     last = tmp_path / "runs" / "exp" / "weights" / "last.pt"
     assert rc == 2
@@ -215,7 +185,7 @@ def test_disk_full_during_training_stops_with_one_line_and_keeps_last_pt(files, 
     monkeypatch.undo()
     ck = load_checkpoint(last)
     assert ck["epoch"] == 0 and ck["optimizer"] is not None  # epoch 1's, resumable
-    assert not _tmp_files(tmp_path / "runs")
+    assert not tmp_files(tmp_path / "runs")
 
 
 def test_disk_full_in_any_other_write_is_one_line(files, tmp_path, monkeypatch):
@@ -223,7 +193,7 @@ def test_disk_full_in_any_other_write_is_one_line(files, tmp_path, monkeypatch):
     def full(csv_path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(csv_path).with_name("results.png")))
     monkeypatch.setattr(train, "plot_results", full)
-    rc, _out, err = _cli(_argv(files, tmp_path / "runs", 1))
+    rc, _out, err = train_cli(train_argv(files, tmp_path / "runs", 1))
     png = tmp_path / "runs" / "exp" / "results.png"
     assert rc == 2 and err.strip().splitlines()[-1] == f"train.py: error: no space left on device while writing {png}"
     assert load_checkpoint(tmp_path / "runs" / "exp" / "weights" / "last.pt")["epoch"] == 0
@@ -254,13 +224,13 @@ def test_non_finite_loss_is_skipped_then_stops_the_run(files, tmp_path, monkeypa
     optimizer nor the EMA."""
     monkeypatch.setattr(train, "ComputeLoss", NaNOnSteps)
     NaNOnSteps.bad, NaNOnSteps.calls = {1}, 0  # one bad step: the run finishes and its summary counts it
-    rc, out, err = _cli(_argv(files, tmp_path / "once", 2))
+    rc, out, err = train_cli(train_argv(files, tmp_path / "once", 2))
     assert rc == 0 and "WARNING epoch 1/2 batch 2/2: loss is nan; step skipped" in err
     assert "1 training steps skipped for a non-finite loss or gradient: see the warnings above" in out
     assert load_checkpoint(tmp_path / "once" / "exp" / "weights" / "last.pt")["updates"] == 3
 
     NaNOnSteps.bad, NaNOnSteps.calls = {1, -1}, 0
-    rc, _out, err = _cli(_argv(files, tmp_path / "runs", 4, "--nan-limit", "2", "--optimizer", "AdamW"))
+    rc, _out, err = train_cli(train_argv(files, tmp_path / "runs", 4, "--nan-limit", "2", "--optimizer", "AdamW"))
     last = tmp_path / "runs" / "exp" / "weights" / "last.pt"
     assert rc == 2, err[-2000:]
     assert "WARNING epoch 1/4 batch 2/2: loss is nan; step skipped" in err
@@ -293,134 +263,3 @@ def test_non_finite_gradient_skips_the_optimizer_step():
 
 
 # ---- a read-only --project ------------------------------------------------------------------------------
-
-def _no_work(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("the dataset was read before the --project check")
-    monkeypatch.setattr(train, "check_dataset", forbidden)
-
-
-def test_project_under_a_file_fails_before_any_work(files, tmp_path, monkeypatch):
-    _no_work(monkeypatch)
-    blocker = tmp_path / "file.txt"
-    blocker.write_text("x")
-    rc, out, err = _cli(_argv(files, blocker / "runs"))
-    assert rc == 2 and out == ""
-    assert err == f"train.py: error: --project {blocker / 'runs'}: cannot create it, {blocker} is a file\n"
-
-
-def test_read_only_filesystem_project_fails_before_any_work(files, tmp_path, monkeypatch):
-    """As root, chmod cannot make a folder unwritable; a read-only mount (EROFS) stops root too."""
-    _no_work(monkeypatch)
-
-    def erofs(*a, **k):
-        raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(faults.tempfile, "TemporaryFile", erofs)
-    rc, _out, err = _cli(_argv(files, tmp_path / "ro" / "runs"))
-    assert rc == 2
-    assert err == (f"train.py: error: --project {tmp_path / 'ro' / 'runs'}: cannot write there (Read-only file "
-                   f"system: {tmp_path}); pass a writable --project\n")
-    assert not (tmp_path / "ro").exists()
-    last = tmp_path / "exp" / "weights" / "last.pt"  # a resumed run checks its own folder
-    save_checkpoint({"model": {}, "yaml": {}, "names": ["a"], "args": TrainConfig(data=str(files[1])).to_dict(),
-                     "epoch": 0, "optimizer": {}}, last)
-    rc, _out, err = _cli(["--resume", str(last)])
-    assert rc == 2 and err.startswith(f"train.py: error: run folder {last.parent.resolve()}: cannot write there "
-                                      f"(Read-only file system") and "copy the run folder" in err
-
-
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into 0o555 folders")
-def test_chmod_read_only_project_fails_before_any_work(files, tmp_path, monkeypatch):
-    _no_work(monkeypatch)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        rc, _out, err = _cli(_argv(files, ro))
-    finally:
-        ro.chmod(0o755)
-    assert rc == 2 and f"--project {ro}: cannot write there (Permission denied" in err
-
-
-# ---- two runs in one folder -----------------------------------------------------------------------------
-
-def test_concurrent_writers_never_leave_a_mixed_file(tmp_path):
-    """Two writers replacing the same files while a reader reads them: every read parses whole."""
-    csv_path, y = tmp_path / "results.csv", tmp_path / "args.yaml"
-    row = dict.fromkeys(RESULT_COLUMNS, 1.0)
-    errors: list[BaseException] = []
-
-    def writer(k: int) -> None:
-        try:
-            for i in range(30):
-                append_results(csv_path, row | {"epoch": i})
-                write_yaml(y, {"writer": k, "i": i, "pad": "x" * 5000})
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    reads = 0
-    while any(t.is_alive() for t in threads):
-        if y.exists():
-            d = read_yaml(y)
-            assert set(d) == {"writer", "i", "pad"} and len(d["pad"]) == 5000
-        if csv_path.exists():
-            assert all(len(r) == len(RESULT_COLUMNS) for r in read_results(csv_path))
-        reads += 1
-    for t in threads:
-        t.join()
-    assert not errors and reads > 0
-    assert 30 <= len(read_results(csv_path)) <= 60 and not _tmp_files(tmp_path)
-
-
-@pytest.mark.slow
-def test_two_runs_with_the_same_name_and_exist_ok(files, tmp_path):
-    """Two runs at once (threads: the file writes race as between processes, without two torch start-ups)."""
-    # --noplots: the data and validation plots are written by utils/data and utils/eval, not atomically yet
-    argv = _argv(files, tmp_path / "runs", 2, "--exist-ok")
-    results: list = []
-
-    def one(seed: int) -> None:
-        try:
-            results.append(train.run(train.parse_opt([*argv, "--seed", str(seed)])))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            results.append(e)
-
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert all(isinstance(r, dict) and r["epochs_done"] == 2 for r in results), results
-    run_dir = tmp_path / "runs" / "exp"
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp"]
-    rows = read_results(run_dir / "results.csv")
-    assert 2 <= len(rows) <= 4 and all(set(RESULT_COLUMNS) <= set(r) for r in rows)
-    for name in ("args.yaml", "hyp.yaml"):
-        assert isinstance(read_yaml(run_dir / name), dict)
-    for name in ("last.pt", "best.pt"):
-        assert load_checkpoint(run_dir / "weights" / name)["epoch"] in (0, 1)
-    assert cv2.imread(str(run_dir / "results.png")) is not None
-    assert not _tmp_files(run_dir)
-
-
-# ---- a resume whose data YAML moved (fast form; the slow Ctrl-C test resumes one end to end) ---------------
-
-def test_resume_with_a_moved_data_yaml_names_it_and_takes_data(tmp_path):
-    last = tmp_path / "exp" / "weights" / "last.pt"
-    gone = tmp_path / "old" / "data.yaml"
-    args = TrainConfig(data=str(gone), epochs=5).to_dict()
-    save_checkpoint({"model": {}, "yaml": {}, "names": ["a"], "args": args, "epoch": 1, "optimizer": {}}, last)
-    with pytest.raises(FileNotFoundError, match=r"the run's data YAML .*old/data\.yaml is missing .*"
-                                                r"python train.py --resume .*last\.pt --data NEW\.yaml"):
-        resolve_resume(TrainConfig(resume=str(last)))
-    new = tmp_path / "new.yaml"
-    new.write_text("path: x\n")
-    cfg, _ = resolve_resume(train.parse_opt(["--resume", str(last), "--data", str(new)]))
-    assert cfg.data == str(new.resolve()) and cfg.resume_data == "" and cfg.epochs == 5
-    with pytest.raises(FileNotFoundError, match="--data .*nope.yaml: file not found"):
-        resolve_resume(TrainConfig(resume=str(last), resume_data=str(tmp_path / "nope.yaml")))
-    assert train.parse_opt(["--data", str(new)]).resume_data == ""  # --data alone is a new run's data

@@ -14,7 +14,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
 
 from torch import nn
 

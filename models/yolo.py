@@ -127,7 +127,7 @@ class Model(nn.Module):
             return torch.tensor([1.0])
         return torch.tensor([PROBE_SIZE / kept[r].shape[-2] for r in rows], dtype=torch.float32)
 
-    def fuse(self) -> "Model":
+    def fuse(self) -> Model:
         """Fold every conv+BN pair in place (inference only); returns self."""
         for m in self.modules():
             if isinstance(m, ConvBNAct):

@@ -105,7 +105,7 @@ def test_corrupt_truncated_or_incomplete_folders_are_refused_naming_the_file(exp
 
 
 def test_threads_default_to_the_idle_cores(exported, monkeypatch):
-    import utils.infer.backend as backend
+    from utils.infer import backend
 
     _, folder = exported
     monkeypatch.setattr(backend, "idle_cores", lambda: 1)  # everything else busy: one worker, not one per core

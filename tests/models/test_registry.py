@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-import torch.nn as nn
+from torch import nn
 from torchvision.models._utils import _make_divisible
 
 import models.parse  # noqa: F401  (fills the registry)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from utils.ops.iou import bbox_ciou, paired_iou
 from utils.train.loss import ComputeLoss, level_balance, scaled_gains

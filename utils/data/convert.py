@@ -14,7 +14,7 @@ import logging
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm import tqdm
 

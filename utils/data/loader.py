@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import cv2
 import numpy as np

@@ -85,7 +85,7 @@ def export_onnx(wrapper: nn.Module, im: torch.Tensor, file: str | Path, metadata
     return file
 
 
-def _simplify(model: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821 - onnx imported lazily
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:  # noqa: F821 - onnx imported lazily
     try:
         import onnxsim
     except ImportError:

@@ -55,7 +55,7 @@ def static_se(wrapper: nn.Module) -> nn.Module:
     return out
 
 
-def sigmoid_first(model: "onnx.ModelProto") -> int:  # noqa: F821 - onnx imported by the caller
+def sigmoid_first(model: onnx.ModelProto) -> int:  # noqa: F821 - onnx imported by the caller
     """Rewrite `X -> Reshape -> Transpose -> Sigmoid` chains to `X -> Sigmoid -> Reshape -> Transpose`
     in place, where the Reshape and Transpose outputs have no other consumer. Returns the count.
 

@@ -87,7 +87,7 @@ class ResultWriter:
         if save_txt:
             (self.save_dir / "labels").mkdir(parents=True, exist_ok=True)
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

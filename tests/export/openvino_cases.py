@@ -119,3 +119,34 @@ def test_int8_gate(tmp_path):
     assert "INT8 check on" in out and "best_int8_openvino_model" in out and "mAP50-95" in out
     ov_xml = (q / "best.xml").read_text()
     assert "FakeQuantize" in ov_xml or "FakeConvert" in ov_xml  # NNCF's quantization nodes are in the IR
+
+
+CHILD = r"""
+import gc, os, signal, sys, threading
+sys.path.insert(0, {root!r})
+import numpy as np
+from utils.infer.formats.openvino import OpenVINORunner
+x = np.zeros((1, 3, 64, 64), np.float32)
+a, b = OpenVINORunner({folder!r}), OpenVINORunner({folder!r})
+a(x), b(x)
+del a; gc.collect()  # out of creation order
+del b; gc.collect()
+c = [OpenVINORunner({folder!r})]
+t = threading.Thread(target=c.clear)  # released on another thread
+t.start(); t.join(); gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handler ran", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("survived", flush=True)
+"""
+
+
+def test_runners_released_in_any_order_leave_signals_working(exported, tmp_path):
+    """Each ov.Core's CPU plugin swaps the thread's alternate signal stack; released out of order, one
+    freed stack was left installed and the next Python signal handler crashed the process (SIGSEGV).
+    All runners share one Core (`shared_core`), so that cannot happen."""
+    _, folder, _ = exported
+    child = tmp_path / "child.py"
+    child.write_text(CHILD.format(root=str(ROOT), folder=str(folder)))
+    res = subprocess.run([sys.executable, str(child)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert res.stdout.splitlines()[-2:] == ["handler ran", "survived"]

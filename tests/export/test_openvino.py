@@ -1,9 +1,10 @@
 """Runs tests/export/openvino_cases.py (OpenVINO export, parity, INT8 gate, bad files) in its own process.
 
-OpenVINO's runtime, loaded into the one long pytest process, later crashed it (SIGSEGV in CPython's
-take_gil, while a following LiteRT or Inductor test ran; never inside an OpenVINO call), so its cases run
-in a fresh interpreter, as detect.py, val.py and export.py each are for a user. The cases file is a normal
-pytest module: `python -m pytest tests/export/openvino_cases.py` runs it by hand.
+OpenVINO's runtime once crashed the one long pytest process: each `ov.Core` swaps the thread's alternate
+signal stack, and Cores released out of order left a freed one installed, so a later signal handler died
+with SIGSEGV (docs/RELIABILITY.md, "Runtimes in one process"). Our runners now share one Core, but
+NNCF makes its own while quantizing, so the cases still run in a fresh interpreter, as detect.py, val.py
+and export.py each are for a user. `python -m pytest tests/export/openvino_cases.py` runs them by hand.
 """
 from __future__ import annotations
 

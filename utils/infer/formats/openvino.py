@@ -5,11 +5,18 @@ The IR ends at the head's 1x1 convs; decoding happens here with our own decoder
 Precision: OpenVINO picks bf16 on CPUs that have it, which moves boxes by a tenth of a pixel or more, so
 the runner compiles with `INFERENCE_PRECISION_HINT` f32 unless the export asked for reduced precision
 (`export.py --half`, metadata `precision: fp16`). INT8 models keep their quantized ops integer either way.
+
+Every runner of a process shares one `ov.Core` (`shared_core`), kept until exit. Each Core's CPU plugin
+installs its own alternate signal stack and, when destroyed out of creation order (or on another
+thread), puts back one another plugin has already freed; the next Python signal handler on that thread
+(SIGCHLD from torch's DataLoader workers, SIGINT) then dies with SIGSEGV (docs/RELIABILITY.md, "Faults").
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -22,6 +29,12 @@ from utils.infer.formats.common import (
     find_model_file,
     require,
 )
+
+
+@functools.lru_cache(maxsize=1)
+def shared_core(ov: ModuleType) -> object:
+    """The process's one `ov.Core` of the `openvino` module `ov` (the module docstring says why one)."""
+    return ov.Core()
 
 
 class OpenVINORunner:
@@ -43,7 +56,7 @@ class OpenVINORunner:
         bin_file = self.file.with_suffix(".bin")
         if not bin_file.is_file():
             raise BackendError(f"{bin_file}: weights file of {self.file.name} not found")
-        core = ov.Core()
+        core = shared_core(ov)
         try:
             model = core.read_model(str(self.file), str(bin_file))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses for bad XML or short .bin files

@@ -12,10 +12,10 @@ import detect
 import export
 import val
 from tests.backend_helpers import make_checkpoint, make_images
+from utils.core.paths import ROOT
 from utils.data.synthetic import make_synthetic_dataset
 from utils.export.headmaps import MissingPackageError
 from utils.export.metadata import METADATA_YAML, parse_metadata, read_metadata_yaml
-from utils.core.paths import ROOT
 from utils.infer.backend import BackendError, DetectBackend
 
 pytestmark = pytest.mark.slow  # OpenVINO's converter takes seconds even for a tiny model

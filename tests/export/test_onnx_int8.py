@@ -59,6 +59,9 @@ def test_int8_onnx_round_trip_and_gate(data, tmp_path, capsys):
     for n in model.graph.node:  # the decode reads float tensors only
         if n.name in tail and n.op_type != "Conv":
             assert all(produced_by.get(i) != "DequantizeLinear" for i in n.input), n.name
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights)  # 7 bits: no int16 pair saturation
+    assert max(np.abs(w.astype(int)).max() for w in weights) == 64  # ... and the range is used
     assert len(q.read_bytes()) < 0.45 * len(files["onnx"].read_bytes())  # tiny model: graph overhead weighs more
     out = capsys.readouterr().out
     assert "INT8 check on" in out and "best-int8.onnx" in out and "best.onnx" in out

@@ -1,7 +1,10 @@
 """ONNX Runtime static INT8 quantization of our float ONNX export: `best-int8.onnx` (QDQ, per-channel).
 
-Activations are unsigned 8-bit and weights signed 8-bit per output channel (U8S8, the form x86 VNNI
-kernels run), with MinMax calibration over `utils.export.calibrate` batches. The decode (everything after
+Activations are unsigned 8-bit and weights signed per output channel (U8S8, the form x86 VNNI kernels
+run), with MinMax calibration over `utils.export.calibrate` batches. Weights use 7 bits (`reduce_range`,
+-64..64): without VNNI, ONNX Runtime's x86 kernels add u8 x s8 products in pairs into int16
+(VPMADDUBSW), which saturates at 255 * 127 * 2; with 8-bit weights that clipped up to 5% of the stem
+conv's pairs on BCCD images. 7 bits cannot saturate and cost no mAP50-95 here (docs/PERFORMANCE.md). The decode (everything after
 the head's last convs) always stays float: quantizing it costs about 0.2 mAP50. With `keep_head_float`
 the head's 1x1 convs stay float too. Both are found from the graph's structure, not node names: a node
 from which no Conv is reachable is decode; a Conv from which no other Conv is reachable is a head conv.
@@ -177,6 +180,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib: list[np.ndarray], kee
         out = Path(tmp) / "int8.onnx"
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        reduce_range=True,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         q = compact_qdq(onnx.load(str(out)))
         del q.metadata_props[:]

@@ -1,7 +1,10 @@
 """Shared bits of the backend/detect/export tests: tiny checkpoints, generated videos and images."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -101,3 +104,16 @@ def write_malicious(path: Path, marker: Path, use_torch: bool = True) -> Path:
             pickle.dump(payload, f, protocol=2)
     assert not marker.exists()
     return path
+
+
+def run_cases_in_own_process(cases: str, timeout: int = 900) -> None:
+    """Run the pytest module `cases` (a path from the repo root) in a fresh interpreter; assert that all
+    of its tests passed and none was skipped (the subprocess's output tail is the failure message)."""
+    from utils.core.paths import ROOT
+
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", cases]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+                         check=False)
+    tail = (res.stdout + res.stderr)[-3000:]
+    assert res.returncode == 0, tail
+    assert " passed" in res.stdout and " failed" not in res.stdout and "skipped" not in res.stdout, tail

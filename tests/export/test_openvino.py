@@ -8,19 +8,11 @@ and export.py each are for a user. `python -m pytest tests/export/openvino_cases
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from utils.core.paths import ROOT
+from tests.backend_helpers import run_cases_in_own_process
 
 
 @pytest.mark.slow
 def test_openvino_cases_pass_in_their_own_process():
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/export/openvino_cases.py"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ))
-    tail = (res.stdout + res.stderr)[-3000:]
-    assert res.returncode == 0, tail
-    assert " passed" in res.stdout and " failed" not in res.stdout and "skipped" not in res.stdout, tail
+    run_cases_in_own_process("tests/export/openvino_cases.py")

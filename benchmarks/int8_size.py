@@ -29,11 +29,9 @@ import numpy as np
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # script run: import from the repo root
 
+from export import export_size
+
 PARTS = ("int8 w", "bias", "per-ch", "float", "graph")
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def onnx_parts(file: Path) -> Counter:
@@ -110,12 +108,11 @@ FILES = {  # format: (float32 name, INT8 name, parts of the INT8 file), names as
 
 
 def model_counts(weights: Path) -> tuple[int, int]:
-    """(conv and linear weights, their output channels) of the fused model in checkpoint `weights`."""
-    from export import _load_model
+    """(conv and linear weights, their output channels) of the model in checkpoint `weights`."""
+    from models.checkpoint import load_checkpoint, model_from_checkpoint
 
-    wrapper, _ = _load_model(weights)
     n_w = n_c = 0
-    for m in wrapper.modules():
+    for m in model_from_checkpoint(load_checkpoint(weights)).modules():
         w = getattr(m, "weight", None)
         if w is not None and w.ndim in (2, 4):
             n_w, n_c = n_w + w.numel(), n_c + w.shape[0]
@@ -136,7 +133,7 @@ def run(weights: str | Path, folder: str | Path | None = None) -> list[tuple[str
         fp, q = folder / fp.format(s=weights.stem), folder / q.format(s=weights.stem)
         if not (fp.exists() and q.exists()):
             continue
-        f_size, q_size, parts = _size(fp), _size(q), parts_of(q)
+        f_size, q_size, parts = export_size(fp), export_size(q), parts_of(q)
         parts["graph"] = q_size - sum(parts.values())
         rows.append((fmt, f_size, q_size, parts))
         print(f"{fmt:<11}{f_size / 1e3:>9.0f}k{q_size / 1e3:>9.0f}k{q_size / f_size:>7.3f}"

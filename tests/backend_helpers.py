@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -117,3 +119,39 @@ def run_cases_in_own_process(cases: str, timeout: int = 900) -> None:
     tail = (res.stdout + res.stderr)[-3000:]
     assert res.returncode == 0, tail
     assert " passed" in res.stdout and " failed" not in res.stdout and "skipped" not in res.stdout, tail
+
+
+def png_header_only(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header claims w x h (8-bit RGB) with no pixel data: what PIL and a scan read first."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def assert_detect_and_val_match(pt: Path, weights: Path, tmp_path: Path, data: Path | None = None,
+                                **val_kw: object) -> None:
+    """detect.py gives `weights` (an export of `pt`) the .pt's boxes (1e-3) on two images, and val.py its
+    mAP50 and mAP50-95 (1e-3) on `data` (default: 3 synthetic val images); `val_kw` go to both val runs."""
+    import pytest
+
+    import detect
+    import val
+    from utils.data.synthetic import make_synthetic_dataset
+
+    src = tmp_path / "imgs"
+    make_images(src, n=2, size=(80, 64))
+    opts = {"source": src, "nosave": True, "project": tmp_path / "r", "imgsz": 64, "conf_thres": 0.25, "max_det": 4}
+    a = list(detect.Detector(detect.DetectOptions(weights=pt, **opts)).frames())
+    b = list(detect.Detector(detect.DetectOptions(weights=weights, **opts)).frames())
+    assert len(a) == len(b) == 2 and all(len(r.det) for r in a)
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra.det, rb.det, atol=1e-3)
+    data = data or make_synthetic_dataset(tmp_path / "syn", n_train=1, n_val=3, imgsz=96, nc=2)
+    common = {"imgsz": 64, "batch_size": 2, "workers": 0, "plots": False, "project": tmp_path / "v", **val_kw}
+    m_pt, m_x = val.run(data, pt, **common), val.run(data, weights, **common)
+    assert m_x.n_images == 3
+    assert m_x.map50 == pytest.approx(m_pt.map50, abs=1e-3) and m_x.map == pytest.approx(m_pt.map, abs=1e-3)

@@ -5,6 +5,7 @@ import contextlib
 import io
 
 import export
+from models.checkpoint import load_checkpoint, model_from_checkpoint
 from tests.backend_helpers import make_checkpoint
 from utils.data.synthetic import make_synthetic_dataset
 
@@ -22,7 +23,7 @@ def test_int8_size_parts(tmp_path, capsys):
     assert fmt == "onnx" and f_size == (tmp_path / "best.onnx").stat().st_size
     assert q_size == (tmp_path / "best-int8.onnx").stat().st_size == sum(parts.values())
     n_w, n_c = int8_size.model_counts(pt)
-    head = list(export._load_model(pt)[0].model.detect.m)
+    head = list(model_from_checkpoint(load_checkpoint(pt)).detect.m)
     head_w, head_c = sum(m.weight.numel() for m in head), sum(m.weight.shape[0] for m in head)
     assert parts["int8 w"] == n_w - head_w  # every conv but the float head's, one byte per weight
     assert parts["per-ch"] >= 4 * (n_c - head_c)  # a float32 scale per quantized output channel at least

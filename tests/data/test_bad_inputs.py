@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
+from tests.backend_helpers import png_header_only
 from utils.data.data_yaml import DataConfigError, check_dataset, list_image_files
 from utils.data.dataset import YoloDataset
 from utils.data.images import MAX_PIXELS, ImageReadError, read_image, verify_image
@@ -59,17 +59,6 @@ def test_tiny_images_are_skipped_and_named(tmp_path: Path, h: int, w: int) -> No
     assert size is None and why == f"{f}: image is {w}x{h}, under 10 px; image skipped"
 
 
-def _png_header_only(path: Path, w: int, h: int) -> Path:
-    """A PNG whose header claims w x h (8-bit RGB) with no pixel data: what PIL and a scan read first."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    return path
-
-
 def _jpeg_claiming(path: Path, w: int, h: int) -> Path:
     """A small real JPEG whose SOF0 header is patched to claim w x h."""
     data = bytearray(cv2.imencode(".jpg", _noise(16, 16))[1].tobytes())
@@ -79,10 +68,10 @@ def _jpeg_claiming(path: Path, w: int, h: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make", [_png_header_only, _jpeg_claiming], ids=["png", "jpeg"])
+@pytest.mark.parametrize("make", [png_header_only, _jpeg_claiming], ids=["png", "jpeg"])
 def test_huge_image_is_refused_from_its_header(tmp_path: Path, make, monkeypatch) -> None:
     """20000 x 20000 (1.2 GB as BGR): refused from the header; no decoder is ever called."""
-    f = make(tmp_path / f"huge.{'png' if make is _png_header_only else 'jpg'}", 20000, 20000)
+    f = make(tmp_path / f"huge.{'png' if make is png_header_only else 'jpg'}", 20000, 20000)
 
     def no_decode(*a, **k):
         raise AssertionError("a huge image reached the decoder")

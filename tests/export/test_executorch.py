@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import detect
 import export
-import val
-from tests.backend_helpers import make_checkpoint, make_images
+from tests.backend_helpers import assert_detect_and_val_match, make_checkpoint
 from utils.data.synthetic import make_synthetic_dataset
 from utils.export.headmaps import MissingPackageError
 from utils.infer.backend import BackendError, DetectBackend
@@ -75,19 +73,7 @@ def test_int8_program_is_smaller_and_close(exported_all):
 
 def test_detect_and_val_accept_the_file(exported, tmp_path):
     pt, file = exported
-    src = tmp_path / "imgs"
-    make_images(src, n=2, size=(80, 64))
-    opts = {"source": src, "nosave": True, "project": tmp_path / "r", "imgsz": 64, "conf_thres": 0.25, "max_det": 4}
-    a = list(detect.Detector(detect.DetectOptions(weights=pt, **opts)).frames())
-    b = list(detect.Detector(detect.DetectOptions(weights=file, **opts)).frames())
-    assert len(a) == len(b) == 2 and all(len(r.det) for r in a)
-    for ra, rb in zip(a, b):
-        np.testing.assert_allclose(ra.det, rb.det, atol=1e-3)
-    data = make_synthetic_dataset(tmp_path / "syn", n_train=1, n_val=3, imgsz=96, nc=2)
-    common = {"imgsz": 64, "batch_size": 2, "workers": 0, "plots": False, "project": tmp_path / "v", "rect": False}
-    m_pt, m_et = val.run(data, pt, **common), val.run(data, file, **common)
-    assert m_et.n_images == 3
-    assert m_et.map50 == pytest.approx(m_pt.map50, abs=1e-3) and m_et.map == pytest.approx(m_pt.map, abs=1e-3)
+    assert_detect_and_val_match(pt, file, tmp_path, rect=False)
 
 
 def test_missing_package_gives_one_line_naming_the_requirements(exported, tmp_path, monkeypatch):

@@ -5,15 +5,11 @@ from __future__ import annotations
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-import detect
 import export
-import val
-from tests.backend_helpers import make_checkpoint, make_images
-from utils.data.synthetic import make_synthetic_dataset
+from tests.backend_helpers import assert_detect_and_val_match, make_checkpoint
 from utils.export.headmaps import MissingPackageError
 from utils.infer.backend import BackendError, DetectBackend
 
@@ -47,19 +43,7 @@ def test_folder_layout_metadata_and_parity_at_other_sizes_and_batches(exported):
 @pytest.mark.slow  # a val run and two detect runs (~4 s)
 def test_detect_and_val_accept_the_folder(exported, tmp_path):
     pt, folder = exported
-    src = tmp_path / "imgs"
-    make_images(src, n=2, size=(80, 64))
-    opts = {"source": src, "nosave": True, "project": tmp_path / "r", "imgsz": 64, "conf_thres": 0.25, "max_det": 4}
-    a = list(detect.Detector(detect.DetectOptions(weights=pt, **opts)).frames())
-    b = list(detect.Detector(detect.DetectOptions(weights=folder, **opts)).frames())
-    assert len(a) == len(b) == 2 and all(len(r.det) for r in a)
-    for ra, rb in zip(a, b):
-        np.testing.assert_allclose(ra.det, rb.det, atol=1e-3)
-    data = make_synthetic_dataset(tmp_path / "syn", n_train=1, n_val=3, imgsz=96, nc=2)
-    common = {"imgsz": 64, "batch_size": 2, "workers": 0, "plots": False, "project": tmp_path / "v"}
-    m_pt, m_ncnn = val.run(data, pt, **common), val.run(data, folder, **common)
-    assert m_ncnn.n_images == 3
-    assert m_ncnn.map50 == pytest.approx(m_pt.map50, abs=1e-3) and m_ncnn.map == pytest.approx(m_pt.map, abs=1e-3)
+    assert_detect_and_val_match(pt, folder, tmp_path)
 
 
 def test_missing_packages_give_one_line_naming_the_requirements(exported, tmp_path, monkeypatch):

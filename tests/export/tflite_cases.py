@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import detect
 import export
-import val
-from tests.backend_helpers import make_checkpoint, make_images
+from tests.backend_helpers import assert_detect_and_val_match, make_checkpoint
 from utils.data.synthetic import make_synthetic_dataset
 from utils.export.headmaps import MissingPackageError
 from utils.export.tflite import read_tflite_metadata
@@ -109,18 +107,7 @@ def test_detect_and_val_accept_the_file(exported, tmp_path):
     _, _, data = exported
     pt = make_checkpoint(tmp_path / "plain.pt", names=NAMES, imgsz=64, obj_logit=3.0)
     files = export.run(pt, include=["tflite"], imgsz=64, threads=1)
-    src = tmp_path / "imgs"
-    make_images(src, n=2, size=(80, 64))
-    opts = {"source": src, "nosave": True, "project": tmp_path / "r", "imgsz": 64, "conf_thres": 0.25, "max_det": 4}
-    a = list(detect.Detector(detect.DetectOptions(weights=pt, **opts)).frames())
-    b = list(detect.Detector(detect.DetectOptions(weights=files["tflite"], **opts)).frames())
-    assert len(a) == len(b) == 2 and all(len(r.det) for r in a)
-    for ra, rb in zip(a, b):
-        np.testing.assert_allclose(ra.det, rb.det, atol=1e-3)
-    common = {"imgsz": 64, "batch_size": 2, "workers": 0, "plots": False, "project": tmp_path / "v", "rect": False}
-    m_pt, m_tfl = val.run(data, pt, **common), val.run(data, files["tflite"], **common)
-    assert m_tfl.n_images == 3
-    assert m_tfl.map50 == pytest.approx(m_pt.map50, abs=1e-3) and m_tfl.map == pytest.approx(m_pt.map, abs=1e-3)
+    assert_detect_and_val_match(pt, files["tflite"], tmp_path, data, rect=False)
 
 
 def test_missing_packages_give_one_line_naming_the_requirements(exported, tmp_path, monkeypatch):

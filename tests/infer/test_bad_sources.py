@@ -7,10 +7,8 @@ import http.server
 import logging
 import os
 import socket
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 
 import detect
-from tests.backend_helpers import make_checkpoint, make_images
+from tests.backend_helpers import make_checkpoint, make_images, png_header_only
 from utils.infer.sources import LoadSource, SourceError, resolve_source, stream_timeout
 
 COMMON = {"imgsz": 64, "conf_thres": 0.25, "max_det": 4}
@@ -156,23 +154,13 @@ def test_glob_through_symlink_loops_reads_each_file_once(tmp_path, caplog) -> No
     assert "reached again through symlinks" in caplog.text
 
 
-def _png_claiming(path: Path, w: int, h: int) -> Path:
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    return path
-
-
 def test_unreadable_and_huge_images_among_good_ones_are_skipped_and_counted(weights, tmp_path, caplog,
                                                                              capsys) -> None:
     folder = tmp_path / "mix"
     make_images(folder, n=2)
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "text.png").write_text("not an image")
-    _png_claiming(folder / "huge.png", 20000, 20000)
+    png_header_only(folder / "huge.png", 20000, 20000)
     with caplog.at_level(logging.WARNING):
         det = detect.run(weights=weights, source=folder, project=tmp_path / "runs", **COMMON)
     assert det.speed.n == 2
@@ -183,7 +171,7 @@ def test_unreadable_and_huge_images_among_good_ones_are_skipped_and_counted(weig
 
 
 def test_a_single_huge_image_is_an_error(weights, tmp_path) -> None:
-    f = _png_claiming(tmp_path / "huge.png", 20000, 20000)
+    f = png_header_only(tmp_path / "huge.png", 20000, 20000)
     with pytest.raises(SourceError, match="huge.png: image is 400 MP, over the 179 MP limit"):
         detect.run(weights=weights, source=f, project=tmp_path / "runs", **COMMON)
 

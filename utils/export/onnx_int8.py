@@ -4,10 +4,13 @@ Activations are unsigned 8-bit and weights signed per output channel (U8S8, the 
 run), with MinMax calibration over `utils.export.calibrate` batches. Weights use 7 bits (`reduce_range`,
 -64..64): without VNNI, ONNX Runtime's x86 kernels add u8 x s8 products in pairs into int16
 (VPMADDUBSW), which saturates at 255 * 127 * 2; with 8-bit weights that clipped up to 5% of the stem
-conv's pairs on BCCD images. 7 bits cannot saturate and cost no mAP50-95 here (docs/PERFORMANCE.md). The decode (everything after
-the head's last convs) always stays float: quantizing it costs about 0.2 mAP50. With `keep_head_float`
-the head's 1x1 convs stay float too. Both are found from the graph's structure, not node names: a node
-from which no Conv is reachable is decode; a Conv from which no other Conv is reachable is a head conv.
+conv's pairs on BCCD images (`benchmarks/u8s8_saturation.py`). 7 bits cannot saturate and cost no
+mAP50-95 here (docs/PERFORMANCE.md).
+
+The decode (everything after the head's last convs) always stays float: quantizing it costs about 0.2
+mAP50. With `keep_head_float` the head's 1x1 convs stay float too. Both are found from the graph's
+structure, not node names: a node from which no Conv is reachable is decode; a Conv from which no other
+Conv is reachable is a head conv.
 
 The quantized graph is then compacted (`compact_qdq`): the quantizer's long tensor and node names and
 the all-zero zero points of the weight and bias DequantizeLinear nodes were a quarter of the file, and

@@ -9,7 +9,8 @@ the runner compiles with `INFERENCE_PRECISION_HINT` f32 unless the export asked 
 Every runner of a process shares one `ov.Core` (`shared_core`), kept until exit. Each Core's CPU plugin
 installs its own alternate signal stack and, when destroyed out of creation order (or on another
 thread), puts back one another plugin has already freed; the next Python signal handler on that thread
-(SIGCHLD from torch's DataLoader workers, SIGINT) then dies with SIGSEGV (docs/RELIABILITY.md, "Faults").
+(SIGCHLD from torch's DataLoader workers, SIGINT) then dies with SIGSEGV (docs/RELIABILITY.md, "Runtimes
+in one process").
 """
 from __future__ import annotations
 
